@@ -1,0 +1,267 @@
+//! The in-process bus of the single-process default: bounded channels for work, one broadcast
+//! channel per subscribed room or user for events. Same semantics as the NATS bus.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
+use futures_util::stream;
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{Bus, BusError, Delivery, Responder, Subscription, Work, WorkSource};
+
+/// Events buffered per subscriber before it counts as lagging and gets a [`Delivery::Gap`].
+const EVENT_BUFFER: usize = 4096;
+/// Work items queued per partition before submitters wait.
+const WORK_BUFFER: usize = 4096;
+
+/// The in-process [`Bus`].
+#[derive(Clone)]
+pub struct InProcBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    partitions: Vec<mpsc::Sender<Work>>,
+    receivers: Mutex<Option<Vec<mpsc::Receiver<Work>>>>,
+    rooms: Topics<u64, RoomEvent>,
+    users: Topics<u64, UserEvent>,
+}
+
+impl InProcBus {
+    /// A bus whose rooms are split over `partitions` ordered work queues.
+    pub fn new(partitions: usize) -> InProcBus {
+        let (senders, receivers) = (0..partitions.max(1)).map(|_| mpsc::channel(WORK_BUFFER)).unzip();
+        InProcBus {
+            inner: Arc::new(Inner {
+                partitions: senders,
+                receivers: Mutex::new(Some(receivers)),
+                rooms: Topics::default(),
+                users: Topics::default(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for InProcBus {
+    async fn request(&self, request: MsgRequest, timeout: Duration) -> Result<MsgReply, BusError> {
+        let partitions = &self.inner.partitions;
+        let queue = &partitions[(request.room % partitions.len() as u64) as usize];
+        let (tx, rx) = oneshot::channel();
+        let work = Work {
+            request,
+            responder: Responder::InProc(tx),
+        };
+        let exchange = async {
+            queue
+                .send(work)
+                .await
+                .map_err(|_| BusError::Unavailable("no router is consuming".into()))?;
+            rx.await
+                .map_err(|_| BusError::Unavailable("the router dropped the request".into()))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| BusError::Timeout)?
+    }
+
+    async fn work(&self) -> Result<Vec<Box<dyn WorkSource>>, BusError> {
+        let receivers =
+            self.inner.receivers.lock().take().ok_or_else(|| {
+                BusError::Unavailable("the in-process work queues are already taken".into())
+            })?;
+        Ok(receivers
+            .into_iter()
+            .map(|rx| Box::new(InProcWork { rx }) as Box<dyn WorkSource>)
+            .collect())
+    }
+
+    async fn publish_room(&self, event: RoomEvent) -> Result<(), BusError> {
+        self.inner.rooms.publish(&event.room.clone(), event);
+        Ok(())
+    }
+
+    async fn subscribe_room(&self, room: u64) -> Result<Subscription<RoomEvent>, BusError> {
+        Ok(self.inner.rooms.subscribe(room))
+    }
+
+    async fn publish_user(&self, user: u64, event: UserEvent) -> Result<(), BusError> {
+        self.inner.users.publish(&user, event);
+        Ok(())
+    }
+
+    async fn subscribe_user(&self, user: u64) -> Result<Subscription<UserEvent>, BusError> {
+        Ok(self.inner.users.subscribe(user))
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+struct InProcWork {
+    rx: mpsc::Receiver<Work>,
+}
+
+#[async_trait]
+impl WorkSource for InProcWork {
+    async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
+        self.rx.recv_many(out, max).await > 0
+    }
+}
+
+/// Broadcast channels by key, created on first subscription and removed with the last one.
+struct Topics<K, T> {
+    channels: Arc<Mutex<HashMap<K, broadcast::Sender<T>>>>,
+}
+
+impl<K, T> Default for Topics<K, T> {
+    fn default() -> Self {
+        Topics {
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl<K, T> Topics<K, T>
+where
+    K: Hash + Eq + Copy + Send + Sync + 'static,
+    T: Clone + Send + 'static,
+{
+    fn publish(&self, key: &K, event: T) {
+        if let Some(sender) = self.channels.lock().get(key) {
+            // No receiver means nobody is subscribed right now: nothing to deliver.
+            let _ = sender.send(event);
+        }
+    }
+
+    fn subscribe(&self, key: K) -> Subscription<T> {
+        let receiver = self
+            .channels
+            .lock()
+            .entry(key)
+            .or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
+            .subscribe();
+        let guard = Unsubscribe {
+            channels: self.channels.clone(),
+            key,
+        };
+        let events = stream::unfold((receiver, guard), |(mut receiver, guard)| async move {
+            let delivery = match receiver.recv().await {
+                Ok(event) => Delivery::Event(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => Delivery::Gap,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((delivery, (receiver, guard)))
+        });
+        Subscription::new(Box::pin(events))
+    }
+}
+
+/// Removes the topic's channel when its last subscriber goes.
+struct Unsubscribe<K: Hash + Eq, T> {
+    channels: Arc<Mutex<HashMap<K, broadcast::Sender<T>>>>,
+    key: K,
+}
+
+impl<K: Hash + Eq, T> Drop for Unsubscribe<K, T> {
+    fn drop(&mut self) {
+        let mut channels = self.channels.lock();
+        // The subscription's receiver is dropped before this guard (tuple fields drop in order).
+        if channels
+            .get(&self.key)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            channels.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use chatoy_protocol::bus::Origin;
+    use chatoy_protocol::{MessageContent, SendCode, Timestamp};
+
+    fn event(room: u64, n: i64) -> RoomEvent {
+        RoomEvent {
+            room,
+            sent: Timestamp(n),
+            origin: Origin { gateway: 1, conn: 1 },
+            frame: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn room_events_reach_subscribers_of_that_room_only() {
+        let bus = InProcBus::new(4);
+        let mut one = bus.subscribe_room(1).await.unwrap();
+        let mut two = bus.subscribe_room(2).await.unwrap();
+        bus.publish_room(event(1, 10)).await.unwrap();
+        bus.publish_room(event(2, 20)).await.unwrap();
+        assert_eq!(one.next().await, Some(Delivery::Event(event(1, 10))));
+        assert_eq!(two.next().await, Some(Delivery::Event(event(2, 20))));
+        let mut another = bus.subscribe_room(1).await.unwrap();
+        drop(one);
+        assert!(bus.inner.rooms.channels.lock().contains_key(&1));
+        bus.publish_room(event(1, 11)).await.unwrap();
+        assert_eq!(another.next().await, Some(Delivery::Event(event(1, 11))));
+        drop(another);
+        assert!(!bus.inner.rooms.channels.lock().contains_key(&1));
+        assert!(bus.inner.rooms.channels.lock().contains_key(&2));
+    }
+
+    #[tokio::test]
+    async fn lagging_subscriber_sees_a_gap() {
+        let bus = InProcBus::new(1);
+        let mut sub = bus.subscribe_room(1).await.unwrap();
+        for n in 0..(EVENT_BUFFER as i64 + 10) {
+            bus.publish_room(event(1, n)).await.unwrap();
+        }
+        assert_eq!(sub.next().await, Some(Delivery::Gap));
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_by_the_partition_consumer() {
+        let bus = InProcBus::new(2);
+        let mut sources = bus.work().await.unwrap();
+        assert_eq!(sources.len(), 2);
+        assert!(bus.work().await.is_err(), "work is taken once");
+        let mut source = sources.remove(1);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while source.next_batch(8, &mut batch).await {
+                for work in batch.drain(..) {
+                    assert_eq!(work.request.room % 2, 1);
+                    work.respond(MsgReply {
+                        code: SendCode::Ok,
+                        msg: String::new(),
+                        sent: Timestamp(7),
+                    });
+                }
+            }
+        });
+        let request = MsgRequest {
+            uuid: uuid::Uuid::new_v4(),
+            sender: 1,
+            room: 3,
+            content: MessageContent::Text { text: "hi".into() },
+            origin: Origin { gateway: 1, conn: 1 },
+        };
+        let reply = bus
+            .request(request.clone(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(reply.sent, Timestamp(7));
+        // Room 2 lands in partition 0, which nobody consumes: the request times out.
+        let stuck = MsgRequest { room: 2, ..request };
+        let err = bus.request(stuck, Duration::from_millis(50)).await.unwrap_err();
+        assert!(matches!(err, BusError::Timeout));
+    }
+}

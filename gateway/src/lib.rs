@@ -1,0 +1,131 @@
+//! The gateway: Chatoy's edge. It serves the HTTP API and `/ws`, authenticates tokens against
+//! the store, publishes each `msg` to the bus and relays the answer as `send`, and fans each
+//! room's `recv` out to its local sockets. It holds no durable state.
+
+mod accounts;
+mod config;
+mod http;
+mod metrics;
+mod ws;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+use chatoy_bus::DynBus;
+use chatoy_store::DynStore;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::GatewayConfig;
+
+use crate::accounts::Accounts;
+use crate::metrics::Metrics;
+use crate::ws::registry::Registry;
+
+/// State shared by every connection of one gateway.
+pub(crate) struct Shared {
+    config: GatewayConfig,
+    store: DynStore,
+    bus: DynBus,
+    accounts: Accounts,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    /// This process's random id on the bus, so its own sockets are recognised in room events.
+    gateway_id: u64,
+    next_conn: AtomicU64,
+    /// Open WebSockets, for the `max_sockets` limit.
+    sockets: AtomicUsize,
+    /// Cancelled on SIGTERM: stop accepting, answer 503 on `/readyz`, close sockets with 1001.
+    shutdown: CancellationToken,
+    /// Every socket task, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+/// Serves HTTP and WebSockets on `listener` until `shutdown`, then drains: sockets get 1001
+/// and the call returns once they are gone or the drain timeout passed.
+pub async fn run(
+    config: GatewayConfig,
+    store: DynStore,
+    bus: DynBus,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let accounts = Accounts::new(
+        config.argon2_memory_kib,
+        config.argon2_iterations,
+        config.token_ttl,
+    )?;
+    let metrics = Arc::new(Metrics::new());
+    let gateway_id = rand::random::<u64>();
+    let registry = Registry::new(bus.clone(), gateway_id, config.outbound_queue, metrics.clone());
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        bus,
+        accounts,
+        metrics,
+        registry,
+        gateway_id,
+        next_conn: AtomicU64::new(1),
+        sockets: AtomicUsize::new(0),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    let http = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off briefly rather than spin.
+                    tracing::warn!(cause = %err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let header_timeout = shared.config.http_timeout;
+        let shutdown = shutdown.clone();
+        let shared = shared.clone();
+        http.spawn(async move {
+            let service = service_fn(move |req| http::handle(shared.clone(), req));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(cause = %err, "http connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("draining");
+    shared.tasks.close();
+    http.close();
+    let drained = async {
+        shared.tasks.wait().await;
+        http.wait().await;
+    };
+    if tokio::time::timeout(shared.config.drain_timeout, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with connections still open");
+    }
+    Ok(())
+}

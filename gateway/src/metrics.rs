@@ -1,0 +1,115 @@
+//! The gateway's Prometheus metrics. Label children are resolved once so that the hot path only
+//! touches atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use chatoy_protocol::SendCode;
+
+/// Handles to every metric the gateway exports on `/metrics`.
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// Open authenticated or not-yet-authenticated WebSockets.
+    pub(crate) sockets_open: IntGauge,
+    pub(crate) in_auth: IntCounter,
+    pub(crate) in_msg: IntCounter,
+    pub(crate) in_invalid: IntCounter,
+    pub(crate) out_auth: IntCounter,
+    pub(crate) out_send: IntCounter,
+    pub(crate) out_recv: IntCounter,
+    pub(crate) out_error: IntCounter,
+    acks: Vec<IntCounter>,
+    /// Time from receiving a `msg` to queueing its `send`.
+    pub(crate) ack_latency: Histogram,
+    /// Sockets closed because their outbound queue overflowed.
+    pub(crate) slow_consumers: IntCounter,
+    /// Room subscriptions that reported lost events.
+    pub(crate) bus_gaps: IntCounter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let registry = Registry::new();
+        let sockets_open =
+            IntGauge::new("chatoy_sockets_open", "Open WebSocket connections.").expect("valid metric");
+        let frames_in = IntCounterVec::new(
+            Opts::new("chatoy_frames_in_total", "WebSocket frames received, by type."),
+            &["type"],
+        )
+        .expect("valid metric");
+        let frames_out = IntCounterVec::new(
+            Opts::new("chatoy_frames_out_total", "WebSocket frames sent, by type."),
+            &["type"],
+        )
+        .expect("valid metric");
+        let acks = IntCounterVec::new(
+            Opts::new("chatoy_acks_total", "send answers, by code."),
+            &["code"],
+        )
+        .expect("valid metric");
+        let ack_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "chatoy_ack_latency_seconds",
+                "Time from receiving a msg frame to queueing its send answer.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let slow_consumers = IntCounter::new(
+            "chatoy_slow_consumer_closes_total",
+            "Sockets closed with 1008 because their outbound queue overflowed.",
+        )
+        .expect("valid metric");
+        let bus_gaps = IntCounter::new(
+            "chatoy_bus_gaps_total",
+            "Room subscriptions that lost events; their sockets were closed to resume with since.",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(sockets_open.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(frames_in.clone()),
+            Box::new(frames_out.clone()),
+            Box::new(acks.clone()),
+            Box::new(ack_latency.clone()),
+            Box::new(slow_consumers.clone()),
+            Box::new(bus_gaps.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        Metrics {
+            sockets_open,
+            in_auth: frames_in.with_label_values(&["auth"]),
+            in_msg: frames_in.with_label_values(&["msg"]),
+            in_invalid: frames_in.with_label_values(&["invalid"]),
+            out_auth: frames_out.with_label_values(&["auth"]),
+            out_send: frames_out.with_label_values(&["send"]),
+            out_recv: frames_out.with_label_values(&["recv"]),
+            out_error: frames_out.with_label_values(&["error"]),
+            acks: SendCode::ALL
+                .iter()
+                .map(|code| acks.with_label_values(&[code.label()]))
+                .collect(),
+            ack_latency,
+            slow_consumers,
+            bus_gaps,
+            registry,
+        }
+    }
+
+    /// Counts one `send` answer.
+    pub(crate) fn ack(&self, code: SendCode) {
+        self.acks[code as usize].inc();
+        self.out_send.inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}

@@ -1,0 +1,570 @@
+//! One socket's life: the upgrade, the `auth` phase (boxed, so its state is freed once done),
+//! the optional `since` replay, then the main loop that multiplexes reads, queued writes,
+//! pings and shutdown in a single task.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatoy_protocol::bus::{MsgReply, MsgRequest, Origin};
+use chatoy_protocol::frame::FrameError;
+use chatoy_protocol::{validate, AuthCode, ClientFrame, MessageContent, SendCode, ServerFrame, Timestamp};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::mailbox::{Outbound, Pushed};
+use super::registry::{Peer, Ready};
+use super::wire::{self, CloseReason};
+use crate::http::{error_response, Body};
+use crate::Shared;
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Answers `GET /ws`: checks the handshake, reserves a socket slot, and spawns the socket task.
+pub(crate) fn upgrade(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers.get(SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    let Some(key) = headers
+        .get(SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade && version_ok)
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)",
+        );
+    };
+    if shared.shutdown.is_cancelled() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server is draining");
+    }
+    let open = shared.sockets.fetch_add(1, Ordering::AcqRel);
+    if open >= shared.config.max_sockets {
+        shared.sockets.fetch_sub(1, Ordering::AcqRel);
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
+    }
+    let slot = SocketSlot(shared.clone());
+    let accept = derive_accept_key(key.as_bytes());
+    let task_shared = shared.clone();
+    shared.tasks.spawn(async move {
+        let _slot = slot;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(256)
+                    .write_buffer_size(0)
+                    .max_write_buffer_size(64 * 1024)
+                    .max_message_size(Some(task_shared.config.max_frame_size))
+                    .max_frame_size(Some(task_shared.config.max_frame_size));
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                    .await;
+                serve(task_shared, ws).await;
+            }
+            Err(err) => tracing::debug!(cause = %err, "websocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// Holds one of the `max_sockets` places and the open-sockets gauge while the socket lives.
+struct SocketSlot(Arc<Shared>);
+
+impl SocketSlot {
+    fn shared(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.shared().sockets.fetch_sub(1, Ordering::AcqRel);
+        self.shared().metrics.sockets_open.dec();
+    }
+}
+
+async fn serve(shared: Arc<Shared>, mut ws: Socket) {
+    shared.metrics.sockets_open.inc();
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    // Boxed: the auth phase's state is large and must not live as long as the socket.
+    let authed = Box::pin(authenticate(&shared, &mut ws, conn)).await;
+    if let Some((peer, seam)) = authed {
+        run(&shared, &mut ws, &peer, seam).await;
+        shared.registry.remove(&peer);
+    }
+}
+
+/// Per room, the newest `sent` already replayed by `since`; live frames up to it are dropped.
+type Seam = Option<HashMap<u64, i64>>;
+
+/// What a frame read ended in, other than a text frame to handle.
+enum ReadOutcome {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Nothing,
+    Closed(Option<CloseReason>),
+}
+
+fn classify_read(item: Option<Result<Message, WsError>>) -> ReadOutcome {
+    match item {
+        Some(Ok(Message::Text(text))) => ReadOutcome::Text(text),
+        Some(Ok(Message::Binary(_))) => ReadOutcome::Closed(Some(CloseReason::UNSUPPORTED)),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => ReadOutcome::Nothing,
+        Some(Ok(Message::Close(_))) | None => ReadOutcome::Closed(None),
+        Some(Err(WsError::Capacity(_))) => ReadOutcome::Closed(Some(CloseReason::TOO_BIG)),
+        Some(Err(WsError::Utf8(_))) => ReadOutcome::Closed(Some(CloseReason::BAD_UTF8)),
+        Some(Err(WsError::Protocol(_))) => ReadOutcome::Closed(Some(CloseReason::PROTOCOL)),
+        Some(Err(_)) => ReadOutcome::Closed(None),
+    }
+}
+
+async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Option<(Arc<Peer>, Seam)> {
+    let deadline = tokio::time::sleep(shared.config.auth_timeout);
+    tokio::pin!(deadline);
+    let mut failures = 0;
+    let timeout = shared.config.write_timeout;
+    loop {
+        let item = tokio::select! {
+            _ = &mut deadline => {
+                let _ = write_raw(ws, &wire::close(CloseReason::AUTH_TIMEOUT), timeout).await;
+                return None;
+            }
+            _ = shared.shutdown.cancelled() => {
+                let _ = write_raw(ws, &wire::close(CloseReason::GOING_AWAY), timeout).await;
+                return None;
+            }
+            item = ws.next() => item,
+        };
+        let text = match classify_read(item) {
+            ReadOutcome::Text(text) => text,
+            ReadOutcome::Nothing => continue,
+            ReadOutcome::Closed(reason) => {
+                if let Some(reason) = reason {
+                    let _ = write_raw(ws, &wire::close(reason), timeout).await;
+                }
+                return None;
+            }
+        };
+        let reply = match ClientFrame::parse(text.as_bytes()) {
+            Ok(ClientFrame::Auth { token, since }) => {
+                shared.metrics.in_auth.inc();
+                match shared.accounts.authenticate(&shared.store, &token).await {
+                    Ok(Some((user, session))) => {
+                        return admit(shared, ws, conn, user, session, since).await;
+                    }
+                    Ok(None) => None,
+                    Err(err) => {
+                        tracing::warn!(cause = %err, "session lookup failed");
+                        let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
+                        return None;
+                    }
+                }
+            }
+            Err(FrameError::BadAuth) => {
+                shared.metrics.in_auth.inc();
+                None
+            }
+            Ok(ClientFrame::Msg { uuid, .. }) | Err(FrameError::BadMsg { uuid }) => {
+                shared.metrics.in_msg.inc();
+                shared.metrics.ack(SendCode::NotAuthenticated);
+                Some(send_refusal(SendCode::NotAuthenticated, uuid))
+            }
+            Err(FrameError::Unreadable(msg)) => {
+                shared.metrics.in_invalid.inc();
+                shared.metrics.out_error.inc();
+                Some(error_frame(msg))
+            }
+        };
+        let frame = match reply {
+            Some(frame) => frame,
+            None => {
+                failures += 1;
+                shared.metrics.out_auth.inc();
+                let answer = encode(&ServerFrame::auth(AuthCode::Expired));
+                if write_raw(ws, &answer, timeout).await.is_err() {
+                    return None;
+                }
+                if failures >= shared.config.max_auth_failures {
+                    let _ = write_raw(ws, &wire::close(CloseReason::AUTH_FAILURES), timeout).await;
+                    return None;
+                }
+                continue;
+            }
+        };
+        if write_raw(ws, &frame, timeout).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Registers an authenticated socket in its user's and rooms' subscriptions, answers `auth`, and
+/// replays `since`. Live frames queue in the mailbox meanwhile and are de-duplicated at the seam.
+async fn admit(
+    shared: &Arc<Shared>,
+    ws: &mut Socket,
+    conn: u64,
+    user: u64,
+    session: u64,
+    since: Option<Timestamp>,
+) -> Option<(Arc<Peer>, Seam)> {
+    let timeout = shared.config.write_timeout;
+    let peer = Arc::new(Peer::new(conn, user, session));
+    let registered = register(shared, &peer).await;
+    let rooms = match registered {
+        Ok(rooms) => rooms,
+        Err(err) => {
+            tracing::warn!(cause = %err, user, "cannot register socket");
+            shared.registry.remove(&peer);
+            let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
+            return None;
+        }
+    };
+    shared.metrics.out_auth.inc();
+    if write_raw(ws, &encode(&ServerFrame::auth(AuthCode::Ok)), timeout)
+        .await
+        .is_err()
+    {
+        shared.registry.remove(&peer);
+        return None;
+    }
+    let Some(since) = since else {
+        return Some((peer, None));
+    };
+    match replay(shared, ws, &rooms, since).await {
+        Ok(seam) => Some((peer, Some(seam))),
+        Err(()) => {
+            shared.registry.remove(&peer);
+            let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
+            None
+        }
+    }
+}
+
+/// Subscribes the socket to its user and rooms and waits until every subscription is active.
+async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, String> {
+    let mut waits: Vec<Ready> = vec![shared.registry.add_user(peer)];
+    let rooms = shared
+        .store
+        .user_rooms(peer.user)
+        .await
+        .map_err(|err| err.to_string())?;
+    let ids: Vec<u64> = rooms.iter().map(|room| room.id).collect();
+    waits.extend(ids.iter().filter_map(|&room| shared.registry.join(peer, room)));
+    let all_ready = async {
+        for mut ready in waits {
+            ready
+                .wait_for(|ready| *ready)
+                .await
+                .map_err(|_| "subscription failed".to_owned())?;
+        }
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(shared.config.send_timeout, all_ready)
+        .await
+        .map_err(|_| "subscriptions not ready in time".to_owned())??;
+    Ok(ids)
+}
+
+/// Sends every stored message of the rooms newer than `since`, oldest first.
+async fn replay(
+    shared: &Arc<Shared>,
+    ws: &mut Socket,
+    rooms: &[u64],
+    since: Timestamp,
+) -> Result<HashMap<u64, i64>, ()> {
+    let mut messages = Vec::new();
+    let mut seam = HashMap::new();
+    for &room in rooms {
+        let found = shared
+            .store
+            .since(room, since, shared.config.since_limit)
+            .await
+            .map_err(|err| tracing::warn!(cause = %err, room, "since replay failed"))?;
+        if let Some(last) = found.last() {
+            seam.insert(room, last.sent.0);
+        }
+        messages.extend(found);
+    }
+    messages.sort_by_key(|message| (message.sent, message.room));
+    let mut batch = Vec::new();
+    let total = messages.len();
+    for message in messages {
+        batch.extend_from_slice(&wire::text(&ServerFrame::Recv { data: message }.to_json()));
+        if batch.len() >= 64 * 1024 {
+            write_raw(ws, &batch, shared.config.write_timeout).await?;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        write_raw(ws, &batch, shared.config.write_timeout).await?;
+    }
+    shared.metrics.out_recv.inc_by(total as u64);
+    Ok(seam)
+}
+
+/// A token bucket for `msg` frames.
+struct RateLimit {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn take(&mut self, rate: f64, burst: f64) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, mut seam: Seam) {
+    let config = &shared.config;
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.ping_interval,
+        config.ping_interval,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    let mut limit = RateLimit {
+        tokens: config.msg_burst,
+        at: last_seen,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = peer.mailbox.wait() => {
+                match flush(ws, peer, &mut seam, config.write_timeout).await {
+                    Ok(false) => {}
+                    Ok(true) | Err(()) => return,
+                }
+            }
+            item = ws.next() => {
+                last_seen = Instant::now();
+                match classify_read(item) {
+                    ReadOutcome::Text(text) => handle_text(shared, peer, &mut limit, text.as_bytes()),
+                    ReadOutcome::Nothing => {}
+                    ReadOutcome::Closed(reason) => {
+                        if let Some(reason) = reason {
+                            let _ = write_raw(ws, &wire::close(reason), config.write_timeout).await;
+                        }
+                        return;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= config.idle_timeout {
+                    peer.mailbox.close(CloseReason::IDLE);
+                } else if write_raw(ws, wire::PING, config.write_timeout).await.is_err() {
+                    return;
+                }
+            }
+            _ = shared.shutdown.cancelled(), if !peer.mailbox.is_closing() => {
+                peer.mailbox.close(CloseReason::GOING_AWAY);
+            }
+        }
+    }
+}
+
+/// Writes everything queued, then the close frame if one was requested. Returns whether the
+/// socket is done.
+async fn flush(ws: &mut Socket, peer: &Peer, seam: &mut Seam, timeout: Duration) -> Result<bool, ()> {
+    let drained = peer.mailbox.drain();
+    let mut frames = drained.frames;
+    if let Some(filter) = seam.as_mut() {
+        frames.retain(|item| item.room == 0 || keep_after_seam(filter, item));
+        if filter.is_empty() {
+            *seam = None;
+        }
+    }
+    let closing = drained.close.map(wire::close);
+    let single = frames.len() == 1 && closing.is_none();
+    if single {
+        if let Some(item) = frames.pop_front() {
+            write_raw(ws, &item.frame, timeout).await?;
+        }
+    } else if !frames.is_empty() || closing.is_some() {
+        let size = frames.iter().map(|item| item.frame.len()).sum::<usize>()
+            + closing.as_ref().map_or(0, Bytes::len);
+        let mut buffer = Vec::with_capacity(size);
+        for item in &frames {
+            buffer.extend_from_slice(&item.frame);
+        }
+        drop(frames);
+        if let Some(close) = &closing {
+            buffer.extend_from_slice(close);
+        }
+        write_raw(ws, &buffer, timeout).await?;
+    }
+    Ok(closing.is_some())
+}
+
+/// Whether a live frame is new after the `since` replay: frames up to the replayed `sent` of
+/// their room were already sent. Once a room passes its seam it is forgotten.
+fn keep_after_seam(filter: &mut HashMap<u64, i64>, item: &Outbound) -> bool {
+    match filter.get(&item.room) {
+        Some(&last) if item.sent <= last => false,
+        Some(_) => {
+            filter.remove(&item.room);
+            true
+        }
+        None => true,
+    }
+}
+
+/// Writes pre-encoded frames straight to the socket, after whatever tungstenite itself still
+/// holds (a pong or a close reply), so frames never interleave.
+async fn write_raw(ws: &mut Socket, bytes: &[u8], timeout: Duration) -> Result<(), ()> {
+    let write = async {
+        ws.flush().await.map_err(|_| ())?;
+        let io = ws.get_mut();
+        io.write_all(bytes).await.map_err(|_| ())?;
+        io.flush().await.map_err(|_| ())
+    };
+    tokio::time::timeout(timeout, write).await.map_err(|_| ())?
+}
+
+fn encode(frame: &ServerFrame) -> Bytes {
+    wire::text(&frame.to_json())
+}
+
+fn error_frame(msg: String) -> Bytes {
+    encode(&ServerFrame::Error { code: 3, msg })
+}
+
+fn send_refusal(code: SendCode, uuid: String) -> Bytes {
+    encode(&ServerFrame::send(code, code.message(), uuid, Timestamp::now()))
+}
+
+fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
+    if peer
+        .mailbox
+        .push(Outbound::control(frame), shared.config.outbound_queue)
+        == Pushed::Overflowed
+    {
+        shared.metrics.slow_consumers.inc();
+    }
+}
+
+fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, text: &[u8]) {
+    let metrics = &shared.metrics;
+    match ClientFrame::parse(text) {
+        Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth) => {
+            metrics.in_auth.inc();
+            metrics.out_auth.inc();
+            queue(
+                shared,
+                peer,
+                encode(&ServerFrame::auth(AuthCode::AlreadyAuthenticated)),
+            );
+        }
+        Ok(ClientFrame::Msg { uuid, room, data }) => {
+            metrics.in_msg.inc();
+            handle_msg(shared, peer, limit, uuid, room, data);
+        }
+        Err(FrameError::BadMsg { uuid }) => {
+            metrics.in_msg.inc();
+            metrics.ack(SendCode::Invalid);
+            queue(shared, peer, send_refusal(SendCode::Invalid, uuid));
+        }
+        Err(FrameError::Unreadable(msg)) => {
+            metrics.in_invalid.inc();
+            metrics.out_error.inc();
+            queue(shared, peer, error_frame(msg));
+        }
+    }
+}
+
+fn handle_msg(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    limit: &mut RateLimit,
+    uuid: String,
+    room: u64,
+    data: MessageContent,
+) {
+    let checked = validate::message_uuid(&uuid).and_then(|id| {
+        if !validate::id(room) {
+            return Err("room must be an integer in 1..=2^53-1");
+        }
+        validate::content(&data)?;
+        Ok(id)
+    });
+    let id = match checked {
+        Ok(id) => id,
+        Err(why) => {
+            shared.metrics.ack(SendCode::Invalid);
+            queue(
+                shared,
+                peer,
+                encode(&ServerFrame::send(SendCode::Invalid, why, uuid, Timestamp::now())),
+            );
+            return;
+        }
+    };
+    if !limit.take(shared.config.msg_rate, shared.config.msg_burst) {
+        shared.metrics.ack(SendCode::RateLimited);
+        queue(shared, peer, send_refusal(SendCode::RateLimited, uuid));
+        return;
+    }
+    let request = MsgRequest {
+        uuid: id,
+        sender: peer.user,
+        room,
+        content: data,
+        origin: Origin {
+            gateway: shared.gateway_id,
+            conn: peer.id,
+        },
+    };
+    let (shared, peer) = (shared.clone(), peer.clone());
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = match shared.bus.request(request, shared.config.send_timeout).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::debug!(cause = %err, "msg request failed");
+                MsgReply {
+                    code: SendCode::Unavailable,
+                    msg: SendCode::Unavailable.message().to_owned(),
+                    sent: Timestamp::now(),
+                }
+            }
+        };
+        shared.metrics.ack(reply.code);
+        shared
+            .metrics
+            .ack_latency
+            .observe(started.elapsed().as_secs_f64());
+        queue(
+            &shared,
+            &peer,
+            encode(&ServerFrame::send(reply.code, reply.msg, uuid, reply.sent)),
+        );
+    });
+}

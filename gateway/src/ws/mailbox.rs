@@ -1,0 +1,151 @@
+//! A socket's bounded outbound queue: producers (fan-out, acks) push pre-encoded frames, the
+//! socket's own task drains everything pending and writes it with one syscall.
+//!
+//! Overflow is the slow-consumer policy: the queue is dropped and the socket is marked to close
+//! with 1008, so a client that cannot keep up costs bounded memory and resumes with `since`.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::wire::CloseReason;
+
+/// One queued frame. `room` and `sent` are set for `recv` frames so that the writer can drop
+/// duplicates at the `since` seam; they are zero for everything else.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbound {
+    pub(crate) frame: Bytes,
+    pub(crate) room: u64,
+    pub(crate) sent: i64,
+}
+
+impl Outbound {
+    /// A frame that is not a room message (`send`, `auth`, `error`).
+    pub(crate) fn control(frame: Bytes) -> Outbound {
+        Outbound {
+            frame,
+            room: 0,
+            sent: 0,
+        }
+    }
+}
+
+/// What the writer takes in one go.
+pub(crate) struct Drained {
+    pub(crate) frames: VecDeque<Outbound>,
+    pub(crate) close: Option<CloseReason>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Outbound>,
+    close: Option<CloseReason>,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// The result of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// The socket is closing; the frame was dropped.
+    Closing,
+    /// This push overflowed the queue: the socket is now closing as a slow consumer.
+    Overflowed,
+}
+
+impl Mailbox {
+    /// Queues a frame unless the socket is closing; overflowing `bound` closes it instead.
+    pub(crate) fn push(&self, item: Outbound, bound: usize) -> Pushed {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return Pushed::Closing;
+        }
+        if state.queue.len() >= bound {
+            state.queue = VecDeque::new();
+            state.close = Some(CloseReason::SLOW_CONSUMER);
+            drop(state);
+            self.wake.notify_one();
+            return Pushed::Overflowed;
+        }
+        let was_empty = state.queue.is_empty();
+        state.queue.push_back(item);
+        drop(state);
+        // The writer always takes the whole queue, so only the first frame needs to wake it.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Asks the socket to close with `reason` after what is already queued.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let mut state = self.state.lock();
+        if state.close.is_none() {
+            state.close = Some(reason);
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether a close has been requested.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.state.lock().close.is_some()
+    }
+
+    /// Takes everything pending, leaving an empty queue that holds no memory.
+    pub(crate) fn drain(&self) -> Drained {
+        let mut state = self.state.lock();
+        Drained {
+            frames: std::mem::take(&mut state.queue),
+            close: state.close,
+        }
+    }
+
+    /// Resolves when something was pushed or a close was requested since the last drain.
+    pub(crate) async fn wait(&self) {
+        self.wake.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: u8) -> Outbound {
+        Outbound::control(Bytes::from(vec![n]))
+    }
+
+    #[tokio::test]
+    async fn drains_everything_and_wakes_once() {
+        let mailbox = Mailbox::default();
+        assert_eq!(mailbox.push(item(1), 4), Pushed::Queued);
+        assert_eq!(mailbox.push(item(2), 4), Pushed::Queued);
+        mailbox.wait().await;
+        let drained = mailbox.drain();
+        assert_eq!(drained.frames.len(), 2);
+        assert_eq!(drained.close, None);
+        assert_eq!(mailbox.drain().frames.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_closes() {
+        let mailbox = Mailbox::default();
+        for n in 0..3 {
+            assert_eq!(mailbox.push(item(n), 3), Pushed::Queued);
+        }
+        assert_eq!(mailbox.push(item(9), 3), Pushed::Overflowed);
+        assert_eq!(mailbox.push(item(10), 3), Pushed::Closing);
+        mailbox.wait().await;
+        let drained = mailbox.drain();
+        assert!(drained.frames.is_empty());
+        assert_eq!(drained.close, Some(CloseReason::SLOW_CONSUMER));
+    }
+}

@@ -1,0 +1,319 @@
+//! WebSocket frames: what clients send (`auth`, `msg`) and what the server sends back
+//! (`auth`, `send`, `recv`, `error`), spelt exactly as in the seed protocol document.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codes::{AuthCode, SendCode};
+use crate::time::Timestamp;
+
+/// A frame from a client, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientFrame {
+    /// Authenticate this connection with a token from `POST /login`.
+    Auth {
+        /// The opaque token.
+        token: String,
+        /// Extension: replay stored messages with `sent` after this time before live traffic.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Timestamp>,
+    },
+    /// Send a message to a room.
+    Msg {
+        /// The client-chosen identity of the message; retries reuse it.
+        uuid: String,
+        /// The room to send to.
+        room: u64,
+        /// The content.
+        data: MessageContent,
+    },
+}
+
+/// A frame from the server, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame {
+    /// The answer to `auth`.
+    Auth {
+        /// See [`AuthCode`].
+        code: AuthCode,
+        /// Empty on success.
+        msg: String,
+    },
+    /// The answer to `msg`.
+    Send {
+        /// See [`SendCode`].
+        code: SendCode,
+        /// Empty on success.
+        msg: String,
+        /// The uuid of the `msg` this answers, exactly as the client sent it.
+        uuid: String,
+        /// The message's timestamp on success, the time of refusal otherwise.
+        sent: Timestamp,
+    },
+    /// A message of one of the connection's rooms.
+    Recv {
+        /// The message.
+        data: Message,
+    },
+    /// Extension: the frame could not be understood (not JSON, or an unknown `type`).
+    Error {
+        /// Always 3 today.
+        code: u8,
+        /// What was wrong.
+        msg: String,
+    },
+}
+
+/// The content of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum MessageContent {
+    /// Plain text, 1 to 4000 characters.
+    Text {
+        /// The text.
+        text: String,
+    },
+}
+
+/// A stored message: the `data` of `recv` and an element of the history API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The uuid the sender chose, lower-case and hyphenated.
+    pub uuid: String,
+    /// The sender's user id.
+    pub sender: u64,
+    /// The room id.
+    pub room: u64,
+    /// The content.
+    pub data: MessageContent,
+    /// The server's timestamp, strictly increasing within the room.
+    pub sent: Timestamp,
+    /// Whether the message was edited (always false today).
+    pub modified: bool,
+}
+
+/// Why a client frame could not be parsed, and so which answer it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not JSON, not an object, no `type`, or an unknown `type`: an `error` frame, code 3.
+    Unreadable(String),
+    /// An `auth` frame with missing or mistyped fields: an `auth` answer with code 1.
+    BadAuth,
+    /// A `msg` frame with missing or mistyped fields: a `send` answer with code 3.
+    BadMsg {
+        /// The frame's `uuid` if it was a string, else empty.
+        uuid: String,
+    },
+}
+
+impl ClientFrame {
+    /// Parses one text frame. The common case costs one pass; only a frame that fails is looked
+    /// at again to decide which answer it deserves.
+    pub fn parse(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+        match serde_json::from_slice::<ClientFrame>(bytes) {
+            Ok(frame) => Ok(frame),
+            Err(err) => Err(classify(bytes, err)),
+        }
+    }
+}
+
+fn classify(bytes: &[u8], err: serde_json::Error) -> FrameError {
+    let value: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(_) => return FrameError::Unreadable(format!("invalid JSON: {err}")),
+    };
+    let Some(object) = value.as_object() else {
+        return FrameError::Unreadable("a frame must be a JSON object".into());
+    };
+    match object.get("type").and_then(|t| t.as_str()) {
+        Some("auth") => FrameError::BadAuth,
+        Some("msg") => FrameError::BadMsg {
+            uuid: object
+                .get("uuid")
+                .and_then(|u| u.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+        },
+        Some(other) => FrameError::Unreadable(format!("unknown frame type {other:?}")),
+        None => FrameError::Unreadable("missing frame type".into()),
+    }
+}
+
+impl ServerFrame {
+    /// An `auth` answer with the code's standard message.
+    pub fn auth(code: AuthCode) -> ServerFrame {
+        ServerFrame::Auth {
+            code,
+            msg: code.message().to_owned(),
+        }
+    }
+
+    /// A `send` answer.
+    pub fn send(
+        code: SendCode,
+        msg: impl Into<String>,
+        uuid: impl Into<String>,
+        sent: Timestamp,
+    ) -> ServerFrame {
+        ServerFrame::Send {
+            code,
+            msg: msg.into(),
+            uuid: uuid.into(),
+            sent,
+        }
+    }
+
+    /// The frame as JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising these types cannot fail: every map key is a string and no value is a float.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The seed document's examples, verbatim.
+    const SEED_AUTH: &str = r#"{"type":"auth","token":"0123456789abcdef"}"#;
+    const SEED_AUTH_OK: &str = r#"{"type":"auth","code":0,"msg":""}"#;
+    const SEED_AUTH_EXPIRED: &str = r#"{"type":"auth","code":1,"msg":"Login status expired!"}"#;
+    const SEED_MSG: &str = r#"{
+  "type": "msg",
+  "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+  "room": 1,
+  "data": {
+    "type": "Text",
+    "text": "Hello, Chatoy!"
+  }
+}"#;
+    const SEED_SEND: &str = r#"{
+  "type": "send",
+  "code": 0,
+  "msg": "",
+  "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+  "sent": "2022-12-22T14:33:59.579746716+08:00"
+}"#;
+    const SEED_RECV: &str = r#"{
+  "type": "recv",
+  "data": {
+    "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
+    "sender": 1,
+    "room": 1,
+    "data": {
+      "type": "Text",
+      "text": "Hello, Chatoy!"
+    },
+    "sent": "2022-12-22T14:33:59.579746716+08:00",
+    "modified": false
+  }
+}"#;
+
+    /// Removes the pretty-printing whitespace (outside strings) of a seed example, keeping key order.
+    fn compact(json: &str) -> String {
+        let mut out = String::new();
+        let mut in_string = false;
+        let mut escaped = false;
+        for c in json.chars() {
+            if in_string {
+                out.push(c);
+                match (escaped, c) {
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_string = false,
+                    _ => escaped = false,
+                }
+            } else if c == '"' {
+                in_string = true;
+                out.push(c);
+            } else if !c.is_whitespace() {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn client_examples_parse_and_round_trip() {
+        for example in [SEED_AUTH, SEED_MSG] {
+            let frame = ClientFrame::parse(example.as_bytes()).unwrap();
+            assert_eq!(serde_json::to_string(&frame).unwrap(), compact(example));
+        }
+        assert_eq!(
+            ClientFrame::parse(SEED_MSG.as_bytes()).unwrap(),
+            ClientFrame::Msg {
+                uuid: "67e55044-10b1-426f-9247-bb680e5fe0c8".into(),
+                room: 1,
+                data: MessageContent::Text {
+                    text: "Hello, Chatoy!".into()
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn server_examples_parse_and_round_trip() {
+        for example in [SEED_AUTH_OK, SEED_AUTH_EXPIRED] {
+            let frame: ServerFrame = serde_json::from_str(example).unwrap();
+            assert_eq!(String::from_utf8(frame.to_json()).unwrap(), example);
+        }
+        assert_eq!(
+            String::from_utf8(ServerFrame::auth(AuthCode::Expired).to_json()).unwrap(),
+            SEED_AUTH_EXPIRED
+        );
+        // `sent` comes back normalised to UTC, the same instant.
+        for example in [SEED_SEND, SEED_RECV] {
+            let frame: ServerFrame = serde_json::from_str(example).unwrap();
+            let utc = compact(example).replace(
+                "2022-12-22T14:33:59.579746716+08:00",
+                "2022-12-22T06:33:59.579746716+00:00",
+            );
+            assert_eq!(String::from_utf8(frame.to_json()).unwrap(), utc);
+        }
+    }
+
+    #[test]
+    fn since_extension_parses() {
+        let frame = ClientFrame::parse(
+            br#"{"type":"auth","token":"t","since":"2022-12-22T14:33:59.579746716+08:00"}"#,
+        )
+        .unwrap();
+        let ClientFrame::Auth {
+            since: Some(since), ..
+        } = frame
+        else {
+            panic!("expected auth with since");
+        };
+        assert_eq!(since.to_string(), "2022-12-22T06:33:59.579746716+00:00");
+    }
+
+    #[test]
+    fn bad_frames_are_classified() {
+        let cases: &[(&[u8], FrameError)] = &[
+            (b"not json", FrameError::Unreadable(String::new())),
+            (b"[1,2]", FrameError::Unreadable(String::new())),
+            (br#"{"type":"nope"}"#, FrameError::Unreadable(String::new())),
+            (br#"{"token":"x"}"#, FrameError::Unreadable(String::new())),
+            (br#"{"type":"auth","token":5}"#, FrameError::BadAuth),
+            (
+                br#"{"type":"msg","uuid":"u","room":-1,"data":{"type":"Text","text":"x"}}"#,
+                FrameError::BadMsg { uuid: "u".into() },
+            ),
+            (
+                br#"{"type":"msg","uuid":"u","room":1,"data":{"type":"Image","url":"x"}}"#,
+                FrameError::BadMsg { uuid: "u".into() },
+            ),
+            (
+                br#"{"type":"msg","uuid":7}"#,
+                FrameError::BadMsg { uuid: String::new() },
+            ),
+        ];
+        for (input, expected) in cases {
+            let got = ClientFrame::parse(input).unwrap_err();
+            match (&got, expected) {
+                (FrameError::Unreadable(_), FrameError::Unreadable(_)) => {}
+                _ => assert_eq!(&got, expected, "{}", String::from_utf8_lossy(input)),
+            }
+        }
+    }
+}

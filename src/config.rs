@@ -1,0 +1,183 @@
+//! Command-line flags and `CHATOY_*` environment variables. Every limit and timeout of the
+//! product is here, with a default that works on a laptop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chatoy_gateway::GatewayConfig;
+use chatoy_router::RouterConfig;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Chatoy: a chat backend that scales horizontally.
+///
+/// With no subcommand, runs `standalone`: the whole server in one process, storing in SQLite.
+#[derive(Debug, Parser)]
+#[command(name = "chatoy", version, args_conflicts_with_subcommands = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+    #[command(flatten)]
+    pub(crate) standalone: StandaloneArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Gateway and router in one process, on the in-process bus and an embedded SQLite store (the default).
+    Standalone(StandaloneArgs),
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("{err} (examples: 500ms, 10s, 48h)"))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let value = duration(text)?;
+    if value.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(value)
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err("must be a number greater than zero".into()),
+    }
+}
+
+/// Flags of every process that serves clients.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GatewayArgs {
+    /// Address to serve HTTP and WebSockets on.
+    #[arg(
+        long,
+        env = "CHATOY_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub(crate) listen: SocketAddr,
+    /// Log format on stderr (the level comes from CHATOY_LOG, e.g. `info`, `chatoy_gateway=debug`).
+    #[arg(long, env = "CHATOY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormat,
+    /// How long a login token stays valid.
+    #[arg(long, env = "CHATOY_TOKEN_TTL", default_value = "48h", value_parser = positive_duration)]
+    pub(crate) token_ttl: Duration,
+    /// Close a WebSocket that has not authenticated within this time of the upgrade (1008).
+    #[arg(long, env = "CHATOY_AUTH_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub(crate) auth_timeout: Duration,
+    /// Close a WebSocket after this many failed auth attempts (1008).
+    #[arg(long, env = "CHATOY_MAX_AUTH_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_auth_failures: u32,
+    /// How often the server pings each WebSocket.
+    #[arg(long, env = "CHATOY_PING_INTERVAL", default_value = "30s", value_parser = positive_duration)]
+    pub(crate) ping_interval: Duration,
+    /// Close a WebSocket from which nothing (not even a pong) arrived for this long (1008).
+    #[arg(long, env = "CHATOY_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) idle_timeout: Duration,
+    /// Largest inbound WebSocket frame or message in bytes; larger closes with 1009.
+    #[arg(long, env = "CHATOY_MAX_FRAME_SIZE", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub(crate) max_frame_size: u32,
+    /// Frames queued for one socket before it is closed as a slow consumer (1008).
+    #[arg(long, env = "CHATOY_OUTBOUND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) outbound_queue: u32,
+    /// Drop a connection whose writes make no progress for this long.
+    #[arg(long, env = "CHATOY_WRITE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub(crate) write_timeout: Duration,
+    /// How long to wait for the router's answer to a msg before answering code 5.
+    #[arg(long, env = "CHATOY_SEND_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub(crate) send_timeout: Duration,
+    /// Sustained msg frames per second per socket; above it the answer is code 4.
+    #[arg(long, env = "CHATOY_MSG_RATE", default_value = "100", value_parser = positive_rate)]
+    pub(crate) msg_rate: f64,
+    /// Burst of msg frames per socket allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_MSG_BURST", default_value = "200", value_parser = positive_rate)]
+    pub(crate) msg_burst: f64,
+    /// Open WebSockets per process; above it the upgrade answers 503.
+    #[arg(long, env = "CHATOY_MAX_SOCKETS", default_value_t = 19_000)]
+    pub(crate) max_sockets: usize,
+    /// On SIGTERM, how long to wait for sockets and in-flight requests before exiting.
+    #[arg(long, env = "CHATOY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub(crate) drain_timeout: Duration,
+    /// Most stored messages replayed per room for `auth` with `since` (the newest ones).
+    #[arg(long, env = "CHATOY_SINCE_LIMIT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) since_limit: u32,
+    /// Largest HTTP request body in bytes (413 above).
+    #[arg(long, env = "CHATOY_MAX_BODY_SIZE", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub(crate) max_body_size: u32,
+    /// Time allowed for an HTTP request's headers, and separately for its body.
+    #[arg(long, env = "CHATOY_HTTP_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub(crate) http_timeout: Duration,
+    /// argon2id memory cost per password hash, in KiB.
+    #[arg(long, env = "CHATOY_ARGON2_MEMORY_KIB", default_value_t = 19_456, value_parser = clap::value_parser!(u32).range(8..))]
+    pub(crate) argon2_memory_kib: u32,
+    /// argon2id iterations per password hash.
+    #[arg(long, env = "CHATOY_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) argon2_iterations: u32,
+}
+
+impl GatewayArgs {
+    pub(crate) fn gateway_config(&self) -> GatewayConfig {
+        GatewayConfig {
+            token_ttl: self.token_ttl,
+            auth_timeout: self.auth_timeout,
+            max_auth_failures: self.max_auth_failures,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            max_frame_size: self.max_frame_size as usize,
+            outbound_queue: self.outbound_queue as usize,
+            write_timeout: self.write_timeout,
+            send_timeout: self.send_timeout,
+            msg_rate: self.msg_rate,
+            msg_burst: self.msg_burst,
+            max_sockets: self.max_sockets,
+            drain_timeout: self.drain_timeout,
+            since_limit: self.since_limit as usize,
+            max_body_size: self.max_body_size as usize,
+            http_timeout: self.http_timeout,
+            argon2_memory_kib: self.argon2_memory_kib,
+            argon2_iterations: self.argon2_iterations,
+        }
+    }
+}
+
+/// Flags of `chatoy standalone` (and of `chatoy` with no subcommand).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct StandaloneArgs {
+    #[command(flatten)]
+    pub(crate) common: GatewayArgs,
+    /// Directory of the SQLite database (`chatoy.db`); created if missing.
+    #[arg(
+        long,
+        env = "CHATOY_DATA_DIR",
+        default_value = "./chatoy-data",
+        value_name = "DIR"
+    )]
+    pub(crate) data_dir: PathBuf,
+    /// How long a SQLite write waits for a lock held by another process before answering code 5.
+    #[arg(long, env = "CHATOY_SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub(crate) sqlite_busy_timeout: Duration,
+    /// Ordered work queues rooms are spread over; each is one sequencer.
+    #[arg(long, env = "CHATOY_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) partitions: u32,
+    /// Most messages the router stores in one write.
+    #[arg(long, env = "CHATOY_ROUTER_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub(crate) router_batch: u32,
+}
+
+impl StandaloneArgs {
+    pub(crate) fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            max_batch: self.router_batch as usize,
+        }
+    }
+}

@@ -1,0 +1,49 @@
+-- Chatoy's SQLite schema. Applied at every start; every statement is idempotent.
+
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    username      TEXT    NOT NULL UNIQUE COLLATE NOCASE,
+    nickname      TEXT    NOT NULL,
+    password_hash TEXT    NOT NULL,
+    slogan        TEXT    NOT NULL,
+    status        TEXT    NOT NULL,
+    registered    INTEGER NOT NULL
+);
+
+-- Tokens are never stored: only their SHA-256.
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB    PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users (id),
+    generated  INTEGER NOT NULL,
+    expires    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rooms (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    description TEXT    NOT NULL,
+    created     INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS room_members (
+    room_id INTEGER NOT NULL REFERENCES rooms (id),
+    user_id INTEGER NOT NULL REFERENCES users (id),
+    joined  INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS room_members_by_user ON room_members (user_id, joined);
+
+-- `sent` is nanoseconds since the epoch, strictly increasing per room; (room_id, uuid) makes
+-- retries idempotent.
+CREATE TABLE IF NOT EXISTS messages (
+    room_id  INTEGER NOT NULL,
+    sent     INTEGER NOT NULL,
+    uuid     BLOB    NOT NULL,
+    sender   INTEGER NOT NULL,
+    content  TEXT    NOT NULL,
+    modified INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (room_id, sent)
+) WITHOUT ROWID;
+
+CREATE UNIQUE INDEX IF NOT EXISTS message_ids ON messages (room_id, uuid);
