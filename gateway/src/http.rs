@@ -303,6 +303,10 @@ async fn create_room(shared: &Shared, req: Request<Incoming>) -> Reply<Response<
 }
 
 async fn announce_join(shared: &Shared, user: u64, room: u64) {
+    shared
+        .registry
+        .join_local(user, room, shared.config.send_timeout)
+        .await;
     if let Err(err) = shared.bus.publish_user(user, UserEvent::Joined { room }).await {
         tracing::warn!(cause = %err, user, room, "cannot announce join; sockets get it on reconnect");
     }

@@ -160,9 +160,7 @@ async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Optio
             ReadOutcome::Text(text) => text,
             ReadOutcome::Nothing => continue,
             ReadOutcome::Closed(reason) => {
-                if let Some(reason) = reason {
-                    let _ = write_raw(ws, &wire::close(reason), timeout).await;
-                }
+                finish(ws, reason, timeout).await;
                 return None;
             }
         };
@@ -357,7 +355,6 @@ async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, mut seam: 
     };
     loop {
         tokio::select! {
-            biased;
             _ = peer.mailbox.wait() => {
                 match flush(ws, peer, &mut seam, config.write_timeout).await {
                     Ok(false) => {}
@@ -370,9 +367,7 @@ async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, mut seam: 
                     ReadOutcome::Text(text) => handle_text(shared, peer, &mut limit, text.as_bytes()),
                     ReadOutcome::Nothing => {}
                     ReadOutcome::Closed(reason) => {
-                        if let Some(reason) = reason {
-                            let _ = write_raw(ws, &wire::close(reason), config.write_timeout).await;
-                        }
+                        finish(ws, reason, config.write_timeout).await;
                         return;
                     }
                 }
@@ -434,6 +429,19 @@ fn keep_after_seam(filter: &mut HashMap<u64, i64>, item: &Outbound) -> bool {
             true
         }
         None => true,
+    }
+}
+
+/// Ends a socket whose read side ended: with our close frame for a violation, or by sending the
+/// close reply tungstenite queued when the client closed first.
+async fn finish(ws: &mut Socket, reason: Option<CloseReason>, timeout: Duration) {
+    match reason {
+        Some(reason) => {
+            let _ = write_raw(ws, &wire::close(reason), timeout).await;
+        }
+        None => {
+            let _ = tokio::time::timeout(timeout, ws.flush()).await;
+        }
     }
 }
 

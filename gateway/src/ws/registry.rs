@@ -132,6 +132,23 @@ impl Registry {
         Some(ready)
     }
 
+    /// Adds every local socket of `user` to `room` and waits (bounded) until the room's
+    /// subscription is active, so that a join answered by this gateway takes effect before the
+    /// answer leaves. Other gateways learn of the join from the user event.
+    pub(crate) async fn join_local(self: &Arc<Self>, user: u64, room: u64, deadline: std::time::Duration) {
+        let peers = match self.users.lock().get(&user) {
+            Some(slot) => slot.members.peers.lock().clone(),
+            None => return,
+        };
+        let waits: Vec<Ready> = peers.iter().filter_map(|peer| self.join(peer, room)).collect();
+        let all_ready = async {
+            for mut ready in waits {
+                let _ = ready.wait_for(|ready| *ready).await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, all_ready).await;
+    }
+
     /// Removes a closing socket from its rooms and its user; drops subscriptions left empty.
     pub(crate) fn remove(&self, peer: &Peer) {
         let rooms = std::mem::take(&mut *peer.rooms.lock());
