@@ -167,7 +167,10 @@ async fn read_json<T: DeserializeOwned>(shared: &Shared, req: Request<Incoming>)
     };
     // serde would also accept a struct written as an array; the API takes objects only.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "the body must be a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        ));
     }
     serde_json::from_slice(&body)
         .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {err}")))
