@@ -3,18 +3,19 @@
 //! the in-process bus and the embedded SQLite store.
 
 mod config;
+mod health;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use chatoy_bus::InProcBus;
-use chatoy_store::{SqliteConfig, SqliteStore};
+use chatoy_bus::{InProcBus, NatsBus};
+use chatoy_store::{CqlStore, SqliteConfig, SqliteStore};
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Cli, Command, LogFormat, StandaloneArgs};
+use crate::config::{Cli, ClusterGatewayArgs, Command, LogFormat, MigrateArgs, RouterArgs, StandaloneArgs};
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -35,8 +36,12 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
-    let Command::Standalone(args) = command;
-    init_tracing(args.common.log_format);
+    init_tracing(match &command {
+        Command::Standalone(args) => args.common.log_format,
+        Command::Gateway(args) => args.common.log_format,
+        Command::Router(args) => args.log_format,
+        Command::Migrate(args) => args.log_format,
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -44,7 +49,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(standalone(args)) {
+    let result = runtime.block_on(async {
+        match command {
+            Command::Standalone(args) => standalone(args).await,
+            Command::Gateway(args) => gateway(args).await,
+            Command::Router(args) => router(args).await,
+            Command::Migrate(args) => migrate(args).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("chatoy: {err:#}");
@@ -128,5 +141,102 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     router_stop.cancel();
     router.wait().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn node_name(role: &str, node_id: &Option<String>) -> String {
+    node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{role}-{}-{}", host.trim(), std::process::id())
+    })
+}
+
+async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
+    let name = node_name("gateway", &args.node_id);
+    let bus: chatoy_bus::DynBus = Arc::new(
+        NatsBus::connect(args.nats.config(name.clone()))
+            .await
+            .map_err(anyhow::Error::msg)?,
+    );
+    let store: chatoy_store::DynStore = Arc::new(
+        CqlStore::connect(&args.cql.config(1))
+            .await
+            .map_err(anyhow::Error::msg)?,
+    );
+    let listener = TcpListener::bind(args.common.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.common.listen))?;
+    let local = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    tracing::info!(%local, node = %name, "chatoy gateway ready");
+    println!("chatoy listening on http://{local}");
+    let shutdown = shutdown_on_signal();
+    chatoy_gateway::run(args.common.gateway_config(), store, bus, listener, shutdown)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn router(args: RouterArgs) -> anyhow::Result<()> {
+    let name = node_name("router", &args.node_id);
+    let bus: chatoy_bus::DynBus = Arc::new(
+        NatsBus::connect(args.nats.config(name.clone()))
+            .await
+            .map_err(anyhow::Error::msg)?,
+    );
+    let store: chatoy_store::DynStore = Arc::new(
+        CqlStore::connect(&args.cql.config(1))
+            .await
+            .map_err(anyhow::Error::msg)?,
+    );
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    let shutdown = shutdown_on_signal();
+    let stop_work = CancellationToken::new();
+    let config = chatoy_router::RouterConfig {
+        max_batch: args.router_batch as usize,
+        ownership_timeout: Some(args.nats.failover_timeout),
+    };
+    // The bus may still be connecting: keep trying to take the work until it answers.
+    let workers = loop {
+        match chatoy_router::start(bus.clone(), store.clone(), config.clone(), stop_work.clone()).await {
+            Ok(workers) => break workers,
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot consume work yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(%local, node = %name, "chatoy router ready");
+    println!("chatoy router health on http://{local}");
+    let probes = tokio::spawn(health::serve(listener, bus, store, shutdown.clone()));
+    shutdown.cancelled().await;
+    stop_work.cancel();
+    if tokio::time::timeout(args.drain_timeout, workers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with work in hand; it will be redelivered");
+    }
+    probes.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    chatoy_store::cql::migrate(&args.cql.config(args.replication_factor))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(keyspace = %args.cql.keyspace, "schema is up to date");
+    println!("migrated keyspace {}", args.cql.keyspace);
     Ok(())
 }

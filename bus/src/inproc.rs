@@ -3,19 +3,22 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
+use chatoy_protocol::bus::{MsgRequest, RoomEvent, UserEvent};
 use futures_util::stream;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{Bus, BusError, Delivery, Responder, Subscription, Work, WorkSource};
+use crate::{Bus, BusError, Delivery, PendingReply, Responder, Subscription, Work, WorkSource};
 
-/// Events buffered per subscriber before it counts as lagging and gets a [`Delivery::Gap`].
+/// Room events buffered per subscriber before it counts as lagging and gets a
+/// [`Delivery::Gap`]. The queue allocates as it fills, so an idle room costs little.
 const EVENT_BUFFER: usize = 4096;
+/// User events buffered for the (single) user-event subscriber of a gateway.
+const USER_EVENT_BUFFER: usize = 1024;
 /// Work items queued per partition before submitters wait.
 const WORK_BUFFER: usize = 4096;
 
@@ -29,7 +32,7 @@ struct Inner {
     partitions: Vec<mpsc::Sender<Work>>,
     receivers: Mutex<Option<Vec<mpsc::Receiver<Work>>>>,
     rooms: Topics<u64, RoomEvent>,
-    users: Topics<u64, UserEvent>,
+    users: broadcast::Sender<(u64, UserEvent)>,
 }
 
 impl InProcBus {
@@ -41,7 +44,7 @@ impl InProcBus {
                 partitions: senders,
                 receivers: Mutex::new(Some(receivers)),
                 rooms: Topics::default(),
-                users: Topics::default(),
+                users: broadcast::channel(USER_EVENT_BUFFER).0,
             }),
         }
     }
@@ -49,7 +52,7 @@ impl InProcBus {
 
 #[async_trait]
 impl Bus for InProcBus {
-    async fn request(&self, request: MsgRequest, timeout: Duration) -> Result<MsgReply, BusError> {
+    async fn submit(&self, request: MsgRequest) -> Result<PendingReply, BusError> {
         let partitions = &self.inner.partitions;
         let queue = &partitions[(request.room % partitions.len() as u64) as usize];
         let (tx, rx) = oneshot::channel();
@@ -57,17 +60,14 @@ impl Bus for InProcBus {
             request,
             responder: Responder::InProc(tx),
         };
-        let exchange = async {
-            queue
-                .send(work)
-                .await
-                .map_err(|_| BusError::Unavailable("no router is consuming".into()))?;
+        queue
+            .send(work)
+            .await
+            .map_err(|_| BusError::Unavailable("no router is consuming".into()))?;
+        Ok(Box::pin(async move {
             rx.await
                 .map_err(|_| BusError::Unavailable("the router dropped the request".into()))
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| BusError::Timeout)?
+        }))
     }
 
     async fn work(&self) -> Result<Vec<Box<dyn WorkSource>>, BusError> {
@@ -91,12 +91,22 @@ impl Bus for InProcBus {
     }
 
     async fn publish_user(&self, user: u64, event: UserEvent) -> Result<(), BusError> {
-        self.inner.users.publish(&user, event);
+        // No receiver means no gateway runs right now: nothing to tell.
+        let _ = self.inner.users.send((user, event));
         Ok(())
     }
 
-    async fn subscribe_user(&self, user: u64) -> Result<Subscription<UserEvent>, BusError> {
-        Ok(self.inner.users.subscribe(user))
+    async fn subscribe_users(&self) -> Result<Subscription<(u64, UserEvent)>, BusError> {
+        let receiver = self.inner.users.subscribe();
+        let events = stream::unfold(receiver, |mut receiver| async move {
+            let delivery = match receiver.recv().await {
+                Ok(event) => Delivery::Event(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => Delivery::Gap,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((delivery, receiver))
+        });
+        Ok(Subscription::new(Box::pin(events)))
     }
 
     fn is_ready(&self) -> bool {
@@ -115,15 +125,24 @@ impl WorkSource for InProcWork {
     }
 }
 
-/// Broadcast channels by key, created on first subscription and removed with the last one.
+/// Subscribers by key, each with its own bounded queue; a subscriber whose queue is full when
+/// an event comes is marked lagging and sees a [`Delivery::Gap`].
 struct Topics<K, T> {
-    channels: Arc<Mutex<HashMap<K, broadcast::Sender<T>>>>,
+    channels: Arc<Mutex<HashMap<K, Vec<Subscriber<T>>>>>,
+    next_id: AtomicU64,
+}
+
+struct Subscriber<T> {
+    id: u64,
+    queue: mpsc::Sender<T>,
+    lagged: Arc<AtomicBool>,
 }
 
 impl<K, T> Default for Topics<K, T> {
     fn default() -> Self {
         Topics {
             channels: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
         }
     }
 }
@@ -134,50 +153,57 @@ where
     T: Clone + Send + 'static,
 {
     fn publish(&self, key: &K, event: T) {
-        if let Some(sender) = self.channels.lock().get(key) {
-            // No receiver means nobody is subscribed right now: nothing to deliver.
-            let _ = sender.send(event);
+        let channels = self.channels.lock();
+        for subscriber in channels.get(key).into_iter().flatten() {
+            if let Err(mpsc::error::TrySendError::Full(_)) = subscriber.queue.try_send(event.clone()) {
+                subscriber.lagged.store(true, Ordering::Release);
+            }
         }
     }
 
     fn subscribe(&self, key: K) -> Subscription<T> {
-        let receiver = self
-            .channels
-            .lock()
-            .entry(key)
-            .or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
-            .subscribe();
+        let (queue, receiver) = mpsc::channel(EVENT_BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.channels.lock().entry(key).or_default().push(Subscriber {
+            id,
+            queue,
+            lagged: lagged.clone(),
+        });
         let guard = Unsubscribe {
             channels: self.channels.clone(),
             key,
+            id,
         };
-        let events = stream::unfold((receiver, guard), |(mut receiver, guard)| async move {
-            let delivery = match receiver.recv().await {
-                Ok(event) => Delivery::Event(event),
-                Err(broadcast::error::RecvError::Lagged(_)) => Delivery::Gap,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            };
-            Some((delivery, (receiver, guard)))
-        });
+        let events = stream::unfold(
+            (receiver, lagged, guard),
+            |(mut receiver, lagged, guard)| async move {
+                if lagged.swap(false, Ordering::AcqRel) {
+                    return Some((Delivery::Gap, (receiver, lagged, guard)));
+                }
+                let event = receiver.recv().await?;
+                Some((Delivery::Event(event), (receiver, lagged, guard)))
+            },
+        );
         Subscription::new(Box::pin(events))
     }
 }
 
-/// Removes the topic's channel when its last subscriber goes.
+/// Removes a subscriber from its topic, and the topic with its last subscriber.
 struct Unsubscribe<K: Hash + Eq, T> {
-    channels: Arc<Mutex<HashMap<K, broadcast::Sender<T>>>>,
+    channels: Arc<Mutex<HashMap<K, Vec<Subscriber<T>>>>>,
     key: K,
+    id: u64,
 }
 
 impl<K: Hash + Eq, T> Drop for Unsubscribe<K, T> {
     fn drop(&mut self) {
         let mut channels = self.channels.lock();
-        // The subscription's receiver is dropped before this guard (tuple fields drop in order).
-        if channels
-            .get(&self.key)
-            .is_some_and(|sender| sender.receiver_count() == 0)
-        {
-            channels.remove(&self.key);
+        if let Some(subscribers) = channels.get_mut(&self.key) {
+            subscribers.retain(|subscriber| subscriber.id != self.id);
+            if subscribers.is_empty() {
+                channels.remove(&self.key);
+            }
         }
     }
 }
@@ -186,8 +212,9 @@ impl<K: Hash + Eq, T> Drop for Unsubscribe<K, T> {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use chatoy_protocol::bus::Origin;
+    use chatoy_protocol::bus::{MsgReply, Origin};
     use chatoy_protocol::{MessageContent, SendCode, Timestamp};
+    use std::time::Duration;
 
     fn event(room: u64, n: i64) -> RoomEvent {
         RoomEvent {
@@ -243,7 +270,8 @@ mod tests {
                         code: SendCode::Ok,
                         msg: String::new(),
                         sent: Timestamp(7),
-                    });
+                    })
+                    .await;
                 }
             }
         });
@@ -254,14 +282,14 @@ mod tests {
             content: MessageContent::Text { text: "hi".into() },
             origin: Origin { gateway: 1, conn: 1 },
         };
-        let reply = bus
-            .request(request.clone(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let pending = bus.submit(request.clone()).await.unwrap();
+        let reply = crate::wait_reply(pending, Duration::from_secs(5)).await.unwrap();
         assert_eq!(reply.sent, Timestamp(7));
-        // Room 2 lands in partition 0, which nobody consumes: the request times out.
-        let stuck = MsgRequest { room: 2, ..request };
-        let err = bus.request(stuck, Duration::from_millis(50)).await.unwrap_err();
+        // Room 2 lands in partition 0, which nobody consumes: the wait times out.
+        let stuck = bus.submit(MsgRequest { room: 2, ..request }).await.unwrap();
+        let err = crate::wait_reply(stuck, Duration::from_millis(50))
+            .await
+            .unwrap_err();
         assert!(matches!(err, BusError::Timeout));
     }
 }

@@ -13,6 +13,7 @@
 //! missing messages.
 
 mod inproc;
+mod nats;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 pub use inproc::InProcBus;
+pub use nats::{NatsBus, NatsConfig};
 
 /// A shared handle to whichever bus the process runs on.
 pub type DynBus = std::sync::Arc<dyn Bus>;
@@ -41,8 +43,10 @@ pub enum BusError {
 /// Gateways and routers meet only here.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Submits a message to its room's sequencer and waits up to `timeout` for the answer.
-    async fn request(&self, request: MsgRequest, timeout: Duration) -> Result<MsgReply, BusError>;
+    /// Hands a message to its room's sequencer and returns the wait for its answer. Messages
+    /// submitted one after the other (each `submit` awaited before the next) reach the
+    /// sequencer in that order, so one socket's messages are stored in the order it sent them.
+    async fn submit(&self, request: MsgRequest) -> Result<PendingReply, BusError>;
     /// Takes this process's share of the work: one source per partition it consumes.
     async fn work(&self) -> Result<Vec<Box<dyn WorkSource>>, BusError>;
     /// Publishes a stored message to the room's subscribers.
@@ -51,10 +55,22 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe_room(&self, room: u64) -> Result<Subscription<RoomEvent>, BusError>;
     /// Publishes an event about a user.
     async fn publish_user(&self, user: u64, event: UserEvent) -> Result<(), BusError>;
-    /// Subscribes to a user's events; active once this returns.
-    async fn subscribe_user(&self, user: u64) -> Result<Subscription<UserEvent>, BusError>;
+    /// Subscribes to every user's events, as `(user, event)`; active once this returns. User
+    /// events are rare (joins, logouts), so each gateway takes them all and keeps those of its
+    /// own users, instead of holding a subscription per user.
+    async fn subscribe_users(&self) -> Result<Subscription<(u64, UserEvent)>, BusError>;
     /// Answers if the bus is usable (readiness).
     fn is_ready(&self) -> bool;
+}
+
+/// The answer to a submitted message, still to come; the caller bounds the wait.
+pub type PendingReply = futures_util::future::BoxFuture<'static, Result<MsgReply, BusError>>;
+
+/// Waits for a pending answer at most `timeout`.
+pub async fn wait_reply(pending: PendingReply, timeout: Duration) -> Result<MsgReply, BusError> {
+    tokio::time::timeout(timeout, pending)
+        .await
+        .map_err(|_| BusError::Timeout)?
 }
 
 /// One partition of the work, consumed in order by one router worker.
@@ -65,27 +81,61 @@ pub trait WorkSource: Send {
 }
 
 /// One message to sequence, with the way back to the gateway that waits for it.
-#[derive(Debug)]
 pub struct Work {
     /// The message.
     pub request: MsgRequest,
     responder: Responder,
 }
 
-#[derive(Debug)]
 enum Responder {
     InProc(oneshot::Sender<MsgReply>),
+    Nats {
+        client: async_nats::Client,
+        /// Where the gateway waits for the answer.
+        reply: Option<String>,
+        /// The stream message, acknowledged once answered.
+        message: Box<async_nats::jetstream::Message>,
+    },
 }
 
 impl Work {
-    /// Answers the waiting gateway. Call only after the message is durably stored (or refused).
-    pub fn respond(self, reply: MsgReply) {
+    /// Answers the waiting gateway and releases the message from the bus. Call only after the
+    /// message is durably stored (or refused): an unanswered message is delivered again.
+    pub async fn respond(self, reply: MsgReply) {
         match self.responder {
             // The gateway may have timed out and gone; then nobody waits, which is fine.
             Responder::InProc(tx) => {
                 let _ = tx.send(reply);
             }
+            Responder::Nats {
+                client,
+                reply: to,
+                message,
+            } => {
+                if let Some(to) = to {
+                    match serde_json::to_vec(&reply) {
+                        Ok(payload) => {
+                            if let Err(err) = client.publish(to, payload.into()).await {
+                                tracing::warn!(cause = %err, "cannot publish an answer");
+                            }
+                        }
+                        Err(err) => tracing::warn!(cause = %err, "cannot encode an answer"),
+                    }
+                }
+                if let Err(err) = message.ack().await {
+                    // Not acknowledged: it comes back and is answered again from the store.
+                    tracing::warn!(cause = %err, "cannot acknowledge a stored message");
+                }
+            }
         }
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Work")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
     }
 }
 

@@ -78,15 +78,15 @@ impl Accounts {
         }
     }
 
-    /// The user and session key a token stands for, if it is known and unexpired.
+    /// The user a token stands for, with the token's hash, if it is known and unexpired.
     pub(crate) async fn authenticate(
         &self,
         store: &DynStore,
         token: &str,
-    ) -> StoreResult<Option<(u64, u64)>> {
+    ) -> StoreResult<Option<(u64, [u8; 32])>> {
         let hash = token_hash(token);
         let session = store.session(&hash, Timestamp::now()).await?;
-        Ok(session.map(|session| (session.user_id, session_key(&hash))))
+        Ok(session.map(|session| (session.user_id, hash)))
     }
 }
 

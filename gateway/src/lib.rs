@@ -60,7 +60,14 @@ pub async fn run(
     )?;
     let metrics = Arc::new(Metrics::new());
     let gateway_id = rand::random::<u64>();
-    let registry = Registry::new(bus.clone(), gateway_id, config.outbound_queue, metrics.clone());
+    let registry = Registry::new(
+        bus.clone(),
+        store.clone(),
+        gateway_id,
+        config.outbound_queue,
+        config.since_limit,
+        metrics.clone(),
+    );
     let shared = Arc::new(Shared {
         config,
         store,
@@ -74,6 +81,13 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
+    // User events (joins, logouts) must reach sockets from the first one on.
+    let users = shared
+        .bus
+        .subscribe_users()
+        .await
+        .map_err(|err| err.to_string())?;
+    let user_feed = tokio::spawn(shared.registry.clone().user_feed(users));
     let http = TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -127,5 +141,6 @@ pub async fn run(
     {
         tracing::warn!("drain timeout passed with connections still open");
     }
+    user_feed.abort();
     Ok(())
 }

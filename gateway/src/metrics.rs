@@ -24,7 +24,7 @@ pub(crate) struct Metrics {
     pub(crate) ack_latency: Histogram,
     /// Sockets closed because their outbound queue overflowed.
     pub(crate) slow_consumers: IntCounter,
-    /// Room subscriptions that reported lost events.
+    /// Room subscriptions that may have lost events and were backfilled.
     pub(crate) bus_gaps: IntCounter,
 }
 
@@ -65,7 +65,7 @@ impl Metrics {
         .expect("valid metric");
         let bus_gaps = IntCounter::new(
             "chatoy_bus_gaps_total",
-            "Room subscriptions that lost events; their sockets were closed to resume with since.",
+            "Times a room subscription may have lost events and was backfilled from the store.",
         )
         .expect("valid metric");
         for collector in [

@@ -20,11 +20,18 @@ use tokio_util::task::TaskTracker;
 pub struct RouterConfig {
     /// Most messages one worker stores with one store call.
     pub max_batch: usize,
+    /// When other routers may take a partition over (cluster mode): a worker idle this long may
+    /// have lost and regained its partition, so it re-reads each room's last `sent` from the
+    /// store instead of trusting its memory. `None` when this process is the only router.
+    pub ownership_timeout: Option<std::time::Duration>,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { max_batch: 256 }
+        RouterConfig {
+            max_batch: 256,
+            ownership_timeout: None,
+        }
     }
 }
 
@@ -47,6 +54,7 @@ pub async fn start(
             bus: bus.clone(),
             store: store.clone(),
             max_batch: config.max_batch.max(1),
+            ownership_timeout: config.ownership_timeout,
             last_sent: HashMap::new(),
             members: HashSet::new(),
         };
@@ -61,6 +69,7 @@ struct Worker {
     bus: DynBus,
     store: DynStore,
     max_batch: usize,
+    ownership_timeout: Option<std::time::Duration>,
     /// The last `sent` assigned per room; absent until first read from the store.
     last_sent: HashMap<u64, Timestamp>,
     /// Known (room, user) memberships. Membership is never revoked, so positives stay true.
@@ -76,11 +85,20 @@ struct Sequenced {
 impl Worker {
     async fn run(mut self, mut source: Box<dyn WorkSource>, shutdown: CancellationToken) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut last_batch = std::time::Instant::now();
         loop {
             let more = tokio::select! {
                 more = source.next_batch(self.max_batch, &mut batch) => more,
                 _ = shutdown.cancelled() => false,
             };
+            if self
+                .ownership_timeout
+                .is_some_and(|timeout| last_batch.elapsed() >= timeout / 2)
+            {
+                // Another router may have sequenced these rooms meanwhile.
+                self.last_sent.clear();
+            }
+            last_batch = std::time::Instant::now();
             if !batch.is_empty() {
                 self.process(&mut batch).await;
             }
@@ -97,7 +115,7 @@ impl Worker {
             match self.check(&work).await {
                 Ok(()) => {}
                 Err(code) => {
-                    work.respond(refusal(code, now));
+                    work.respond(refusal(code, now)).await;
                     continue;
                 }
             }
@@ -105,7 +123,7 @@ impl Worker {
             let last = match self.last_sent(room).await {
                 Ok(last) => last,
                 Err(()) => {
-                    work.respond(refusal(SendCode::Unavailable, now));
+                    work.respond(refusal(SendCode::Unavailable, now)).await;
                     continue;
                 }
             };
@@ -131,7 +149,7 @@ impl Worker {
             Err(err) => {
                 tracing::warn!(cause = %err, messages = accepted.len(), "store write failed");
                 for s in accepted {
-                    s.work.respond(refusal(SendCode::Unavailable, now));
+                    s.work.respond(refusal(SendCode::Unavailable, now)).await;
                 }
                 return;
             }
@@ -194,11 +212,13 @@ impl Worker {
                     origin: request.origin,
                     frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
                 };
-                s.work.respond(MsgReply {
-                    code: SendCode::Ok,
-                    msg: String::new(),
-                    sent: s.sent,
-                });
+                s.work
+                    .respond(MsgReply {
+                        code: SendCode::Ok,
+                        msg: String::new(),
+                        sent: s.sent,
+                    })
+                    .await;
                 if let Err(err) = self.bus.publish_room(event).await {
                     // Stored and acked: members still get it through `since` and history.
                     tracing::warn!(cause = %err, "publishing a stored message failed");
@@ -219,7 +239,7 @@ impl Worker {
                         sent: Timestamp::now(),
                     }
                 };
-                s.work.respond(reply);
+                s.work.respond(reply).await;
             }
         }
     }

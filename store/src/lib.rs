@@ -3,6 +3,7 @@
 //! Only this crate knows SQL or CQL. Callers hold an `Arc<dyn Store>` and see domain types from
 //! `chatoy-protocol`; driver types never leak upward.
 
+pub mod cql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use chatoy_protocol::http::{Room, User};
 use chatoy_protocol::{Message, MessageContent, Timestamp};
 
+pub use cql::{CqlConfig, CqlConsistency, CqlStore};
 pub use sqlite::{SqliteConfig, SqliteStore};
 
 /// A shared handle to whichever backend the process runs on.

@@ -1,34 +1,129 @@
 //! The store contract: one behaviour every backend must have, checked against each backend.
-//! Each case gets a fresh store (a new SQLite data directory).
+//! Each case gets a fresh store: a new SQLite data directory, or a new CQL keyspace on the node
+//! named by `CHATOY_CQL_NODES` (dropped when the case ends).
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chatoy_protocol::{MessageContent, Timestamp, MAX_ID};
-use chatoy_store::{DynStore, InsertOutcome, NewMessage, Session, SqliteConfig, SqliteStore, StoreError};
+use chatoy_store::cql::migrate;
+use chatoy_store::{
+    CqlConfig, CqlStore, DynStore, InsertOutcome, NewMessage, Session, SqliteConfig, SqliteStore, StoreError,
+};
+use futures_util::FutureExt;
+use scylla::client::session::Session as CqlSession;
+use scylla::client::session_builder::SessionBuilder;
 
-/// A fresh SQLite store in its own directory, removed when dropped.
+/// The CQL bucket width of the tests: 100 ns, so that the shared cases (sent 10 ..= 1200) span
+/// many buckets and every page of history crosses bucket boundaries.
+const TEST_BUCKET_WIDTH: i64 = 100;
+
+/// A fresh store, cleaned up by [`Fresh::cleanup`] (or, for SQLite, when dropped).
 struct Fresh {
     store: DynStore,
-    dir: std::path::PathBuf,
+    dir: Option<std::path::PathBuf>,
+    cql: Option<Arc<FreshCql>>,
+}
+
+/// What a CQL case needs beyond the store: its configuration and an admin session.
+struct FreshCql {
+    config: CqlConfig,
+    admin: CqlSession,
+}
+
+impl Fresh {
+    /// The CQL side of a CQL store.
+    fn cql(&self) -> Arc<FreshCql> {
+        self.cql.clone().expect("a CQL store")
+    }
+
+    async fn cleanup(mut self) {
+        if let Some(cql) = self.cql.take() {
+            let drop = format!("DROP KEYSPACE IF EXISTS {}", cql.config.keyspace);
+            if let Err(err) = cql.admin.query_unpaged(drop, ()).await {
+                eprintln!("cannot drop keyspace {}: {err}", cql.config.keyspace);
+            }
+        }
+    }
 }
 
 impl Drop for Fresh {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-fn sqlite() -> Fresh {
-    let dir = std::env::temp_dir().join(format!("chatoy-contract-{}", uuid::Uuid::new_v4()));
-    let store = SqliteStore::open(&SqliteConfig {
-        data_dir: dir.clone(),
+fn sqlite_config(dir: &std::path::Path) -> SqliteConfig {
+    SqliteConfig {
+        data_dir: dir.to_path_buf(),
         busy_timeout: Duration::from_secs(5),
-    })
-    .expect("open sqlite store");
+    }
+}
+
+async fn sqlite() -> Fresh {
+    let dir = std::env::temp_dir().join(format!("chatoy-contract-{}", uuid::Uuid::new_v4()));
+    let store = SqliteStore::open(&sqlite_config(&dir)).expect("open sqlite store");
     Fresh {
         store: Arc::new(store),
-        dir,
+        dir: Some(dir),
+        cql: None,
+    }
+}
+
+/// The contact points of the test's CQL node. Without them the CQL cases fail: they never skip.
+fn cql_nodes() -> Vec<String> {
+    let nodes = std::env::var("CHATOY_CQL_NODES").unwrap_or_default();
+    let nodes: Vec<String> = nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !nodes.is_empty(),
+        "CHATOY_CQL_NODES is not set: the CQL contract cases need a CQL node. Run ./scripts/test, \
+         or start one with `deploy/local/cassandra start` and export CHATOY_CQL_NODES=127.0.0.1:<CQL_PORT>"
+    );
+    nodes
+}
+
+/// A fresh keyspace `chatoy_test_<random>` (RF 1, tiny buckets), migrated, and a store on it.
+async fn cql() -> Fresh {
+    let config = CqlConfig {
+        nodes: cql_nodes(),
+        keyspace: format!("chatoy_test_{}", uuid::Uuid::new_v4().simple()),
+        replication_factor: 1,
+        bucket_width_nanos: TEST_BUCKET_WIDTH,
+        ..CqlConfig::default()
+    };
+    let admin = SessionBuilder::new()
+        .known_nodes(&config.nodes)
+        .schema_agreement_interval(Duration::from_millis(20))
+        .refresh_metadata_on_auto_schema_agreement(false)
+        .build()
+        .await
+        .unwrap_or_else(|err| panic!("cannot connect to CQL node {:?}: {err}", config.nodes));
+    migrate(&config).await.expect("migrate a fresh keyspace");
+    let store = CqlStore::connect(&config)
+        .await
+        .expect("connect to the fresh keyspace");
+    Fresh {
+        store: Arc::new(store),
+        dir: None,
+        cql: Some(Arc::new(FreshCql { config, admin })),
+    }
+}
+
+/// Runs one case on its fresh store and cleans up after it, whether it passed or panicked.
+async fn guarded(fresh: Fresh, case: impl Future<Output = ()>) {
+    let outcome = AssertUnwindSafe(case).catch_unwind().await;
+    fresh.cleanup().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
     }
 }
 
@@ -233,7 +328,7 @@ async fn history_and_since(store: DynStore) {
 }
 
 async fn durable_across_reopen() {
-    let fresh = sqlite();
+    let fresh = sqlite().await;
     let user = fresh.store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = fresh
         .store
@@ -245,16 +340,170 @@ async fn durable_across_reopen() {
         .insert_messages(vec![message(room.id, user.id, 3, "kept")])
         .await
         .unwrap();
-    let reopened = SqliteStore::open(&SqliteConfig {
-        data_dir: fresh.dir.clone(),
-        busy_timeout: Duration::from_secs(5),
-    })
-    .unwrap();
+    let reopened = SqliteStore::open(&sqlite_config(fresh.dir.as_deref().unwrap())).unwrap();
     let history = chatoy_store::Store::history(&reopened, room.id, Timestamp(i64::MAX), 10)
         .await
         .unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].data, text("kept"));
+}
+
+/// The CQL equivalent of reopening: a second store on the same keyspace (another process) sees
+/// the data, running `migrate` again is harmless, and the two never hand out the same id.
+async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
+    let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
+    let room = store.create_room("r", "", user.id, Timestamp(2)).await.unwrap();
+    store
+        .insert_messages(vec![message(room.id, user.id, 3, "kept")])
+        .await
+        .unwrap();
+    migrate(&fresh.config).await.expect("migrate twice");
+    let other: DynStore = Arc::new(CqlStore::connect(&fresh.config).await.unwrap());
+    let history = other.history(room.id, Timestamp(i64::MAX), 10).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].data, text("kept"));
+    assert_eq!(other.user_by_name("ALICE").await.unwrap().unwrap().user, user);
+    assert!(other.is_member(room.id, user.id).await.unwrap());
+    // Both "processes" create users and rooms at once; every id is distinct.
+    let creations: Vec<_> = (0..60)
+        .map(|n| {
+            let store = if n % 2 == 0 { store.clone() } else { other.clone() };
+            tokio::spawn(async move {
+                let user = store
+                    .create_user(&format!("user{n}"), "h", Timestamp(n))
+                    .await
+                    .unwrap();
+                let room = store.create_room("r", "", user.id, Timestamp(n)).await.unwrap();
+                (user.id, room.id)
+            })
+        })
+        .collect();
+    let mut user_ids = vec![user.id];
+    let mut room_ids = vec![room.id];
+    for creation in creations {
+        let (user, room) = creation.await.unwrap();
+        user_ids.push(user);
+        room_ids.push(room);
+    }
+    for ids in [&mut user_ids, &mut room_ids] {
+        assert!(ids.iter().all(|id| (1..=MAX_ID).contains(id)));
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 61, "ids are unique across stores");
+    }
+}
+
+/// Paging at and across bucket edges (width 100 ns), over empty buckets and a long gap.
+async fn cql_pages_across_buckets(store: DynStore) {
+    let sents = [0, 99, 100, 101, 199, 350, 999, 1_000, 5_000_000, 5_000_001];
+    let rows: Vec<NewMessage> = sents
+        .iter()
+        .map(|sent| message(4, 1, *sent, &format!("at {sent}")))
+        .collect();
+    store.insert_messages(rows).await.unwrap();
+    let newest_first: Vec<i64> = sents.iter().rev().copied().collect();
+    for limit in 1..=sents.len() + 1 {
+        let mut seen = Vec::new();
+        let mut before = Timestamp(i64::MAX);
+        loop {
+            let page = store.history(4, before, limit).await.unwrap();
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            before = last.sent;
+            seen.extend(page.iter().map(|m| m.sent.0));
+        }
+        assert_eq!(seen, newest_first, "history in pages of {limit}");
+    }
+    let sents_of = |page: Vec<chatoy_protocol::Message>| page.iter().map(|m| m.sent.0).collect::<Vec<_>>();
+    // `before` on a bucket edge excludes the edge and continues in the previous bucket.
+    assert_eq!(
+        sents_of(store.history(4, Timestamp(100), 5).await.unwrap()),
+        vec![99, 0]
+    );
+    assert_eq!(
+        sents_of(store.history(4, Timestamp(1_000), 2).await.unwrap()),
+        vec![999, 350]
+    );
+    assert_eq!(
+        sents_of(store.history(4, Timestamp(0), 5).await.unwrap()),
+        Vec::<i64>::new()
+    );
+    // `since` on a bucket edge, across the gap, and limited to the newest.
+    assert_eq!(
+        sents_of(store.since(4, Timestamp(99), 3).await.unwrap()),
+        vec![1_000, 5_000_000, 5_000_001]
+    );
+    assert_eq!(
+        sents_of(store.since(4, Timestamp(99), 100).await.unwrap()),
+        vec![100, 101, 199, 350, 999, 1_000, 5_000_000, 5_000_001]
+    );
+    assert_eq!(
+        sents_of(store.since(4, Timestamp(150), 100).await.unwrap()),
+        vec![199, 350, 999, 1_000, 5_000_000, 5_000_001]
+    );
+    assert_eq!(sents_of(store.since(4, Timestamp(0), 100).await.unwrap())[0], 99);
+    assert_eq!(
+        sents_of(store.since(4, Timestamp(1_000), 1).await.unwrap()),
+        vec![5_000_001]
+    );
+    assert_eq!(sents_of(store.since(4, Timestamp(-1), 1).await.unwrap()).len(), 1);
+    assert_eq!(store.last_sent(4).await.unwrap(), Some(Timestamp(5_000_001)));
+    // A room that never had a message, created or not.
+    let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
+    let room = store
+        .create_room("empty", "", user.id, Timestamp(2))
+        .await
+        .unwrap();
+    for room in [room.id, MAX_ID] {
+        assert!(store
+            .history(room, Timestamp(i64::MAX), 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store.since(room, Timestamp(0), 10).await.unwrap().is_empty());
+        assert_eq!(store.last_sent(room).await.unwrap(), None);
+    }
+}
+
+/// A claim in `message_ids` whose `messages` row was never written (its writer died between
+/// the two writes) is repaired by the next insert of that uuid by the same sender, and only then.
+async fn cql_repairs_a_claim_without_its_row(fresh: Arc<FreshCql>, store: DynStore) {
+    let orphan = uuid::Uuid::new_v4();
+    let claim = format!(
+        "INSERT INTO {}.message_ids (room_id, uuid, sent, sender) VALUES (3, ?, 700, 4)",
+        fresh.config.keyspace
+    );
+    fresh.admin.query_unpaged(claim, (orphan,)).await.unwrap();
+    // Another sender reusing the uuid gets the claim back (with its sender) and writes nothing.
+    let mut intruder = message(3, 5, 900, "not mine");
+    intruder.uuid = orphan;
+    let outcome = store.insert_messages(vec![intruder]).await.unwrap();
+    let InsertOutcome::Duplicate(existing) = &outcome[0] else {
+        panic!("a claimed uuid is a duplicate: {outcome:?}");
+    };
+    assert_eq!((existing.sender, existing.sent), (4, Timestamp(700)));
+    assert!(store
+        .history(3, Timestamp(i64::MAX), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The original sender's retry writes the missing row from the claim.
+    let mut retry = message(3, 4, 900, "again");
+    retry.uuid = orphan;
+    let outcome = store.insert_messages(vec![retry.clone()]).await.unwrap();
+    let InsertOutcome::Duplicate(repaired) = &outcome[0] else {
+        panic!("a claimed uuid is a duplicate: {outcome:?}");
+    };
+    assert_eq!((repaired.sender, repaired.sent), (4, Timestamp(700)));
+    assert_eq!(repaired.data, text("again"));
+    let stored = store.history(3, Timestamp(i64::MAX), 10).await.unwrap();
+    assert_eq!(stored, vec![repaired.clone()]);
+    assert_eq!(store.last_sent(3).await.unwrap(), Some(Timestamp(700)));
+    // From now on it is an ordinary duplicate.
+    assert_eq!(
+        store.insert_messages(vec![retry]).await.unwrap(),
+        vec![InsertOutcome::Duplicate(repaired.clone())]
+    );
 }
 
 macro_rules! contract {
@@ -263,8 +512,9 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let fresh = super::$backend();
-                    super::$case(fresh.store.clone()).await;
+                    let fresh = super::$backend().await;
+                    let store = fresh.store.clone();
+                    super::guarded(fresh, super::$case(store)).await;
                 }
             )+
         }
@@ -272,8 +522,35 @@ macro_rules! contract {
 }
 
 contract!(sqlite: users, sessions, rooms, idempotent_inserts, concurrent_inserts_of_one_uuid, history_and_since);
+contract!(cql: users, sessions, rooms, idempotent_inserts, concurrent_inserts_of_one_uuid, history_and_since);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_is_durable_across_reopen() {
     durable_across_reopen().await;
+}
+
+/// The CQL-only cases, which also need the keyspace's configuration or raw CQL.
+mod cql_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_across_buckets() {
+        let fresh = cql().await;
+        let store = fresh.store.clone();
+        guarded(fresh, cql_pages_across_buckets(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_across_reconnect() {
+        let fresh = cql().await;
+        let (cql, store) = (fresh.cql(), fresh.store.clone());
+        guarded(fresh, cql_durable_across_reconnect(cql, store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repairs_a_claim_without_its_row() {
+        let fresh = cql().await;
+        let (cql, store) = (fresh.cql(), fresh.store.clone());
+        guarded(fresh, cql_repairs_a_claim_without_its_row(cql, store)).await;
+    }
 }

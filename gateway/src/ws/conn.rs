@@ -168,8 +168,8 @@ async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Optio
             Ok(ClientFrame::Auth { token, since }) => {
                 shared.metrics.in_auth.inc();
                 match shared.accounts.authenticate(&shared.store, &token).await {
-                    Ok(Some((user, session))) => {
-                        return admit(shared, ws, conn, user, session, since).await;
+                    Ok(Some((user, token_hash))) => {
+                        return admit(shared, ws, conn, user, token_hash, since).await;
                     }
                     Ok(None) => None,
                     Err(err) => {
@@ -223,11 +223,11 @@ async fn admit(
     ws: &mut Socket,
     conn: u64,
     user: u64,
-    session: u64,
+    token_hash: [u8; 32],
     since: Option<Timestamp>,
 ) -> Option<(Arc<Peer>, Seam)> {
     let timeout = shared.config.write_timeout;
-    let peer = Arc::new(Peer::new(conn, user, session));
+    let peer = Arc::new(Peer::new(conn, user, token_hash));
     let registered = register(shared, &peer).await;
     let rooms = match registered {
         Ok(rooms) => rooms,
@@ -261,14 +261,17 @@ async fn admit(
 
 /// Subscribes the socket to its user and rooms and waits until every subscription is active.
 async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, String> {
-    let mut waits: Vec<Ready> = vec![shared.registry.add_user(peer)];
+    shared.registry.add_user(peer);
     let rooms = shared
         .store
         .user_rooms(peer.user)
         .await
         .map_err(|err| err.to_string())?;
     let ids: Vec<u64> = rooms.iter().map(|room| room.id).collect();
-    waits.extend(ids.iter().filter_map(|&room| shared.registry.join(peer, room)));
+    let waits: Vec<Ready> = ids
+        .iter()
+        .filter_map(|&room| shared.registry.join(peer, room))
+        .collect();
     let all_ready = async {
         for mut ready in waits {
             ready
@@ -364,7 +367,7 @@ async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, mut seam: 
             item = ws.next() => {
                 last_seen = Instant::now();
                 match classify_read(item) {
-                    ReadOutcome::Text(text) => handle_text(shared, peer, &mut limit, text.as_bytes()),
+                    ReadOutcome::Text(text) => handle_text(shared, peer, &mut limit, text.as_bytes()).await,
                     ReadOutcome::Nothing => {}
                     ReadOutcome::Closed(reason) => {
                         finish(ws, reason, config.write_timeout).await;
@@ -479,7 +482,7 @@ fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
     }
 }
 
-fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, text: &[u8]) {
+async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, text: &[u8]) {
     let metrics = &shared.metrics;
     match ClientFrame::parse(text) {
         Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth) => {
@@ -493,7 +496,7 @@ fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, te
         }
         Ok(ClientFrame::Msg { uuid, room, data }) => {
             metrics.in_msg.inc();
-            handle_msg(shared, peer, limit, uuid, room, data);
+            handle_msg(shared, peer, limit, uuid, room, data).await;
         }
         Err(FrameError::BadMsg { uuid }) => {
             metrics.in_msg.inc();
@@ -508,7 +511,7 @@ fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, te
     }
 }
 
-fn handle_msg(
+async fn handle_msg(
     shared: &Arc<Shared>,
     peer: &Arc<Peer>,
     limit: &mut RateLimit,
@@ -550,10 +553,21 @@ fn handle_msg(
             conn: peer.id,
         },
     };
+    // Submitted here, in the socket's task, so one socket's messages keep their order; only
+    // the wait for the answer runs on its own.
+    let started = Instant::now();
+    let timeout = shared.config.send_timeout;
+    let submitted = tokio::time::timeout(timeout, shared.bus.submit(request)).await;
     let (shared, peer) = (shared.clone(), peer.clone());
     tokio::spawn(async move {
-        let started = Instant::now();
-        let reply = match shared.bus.request(request, shared.config.send_timeout).await {
+        let answer = match submitted {
+            Ok(Ok(pending)) => {
+                chatoy_bus::wait_reply(pending, timeout.saturating_sub(started.elapsed())).await
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(chatoy_bus::BusError::Timeout),
+        };
+        let reply = match answer {
             Ok(reply) => reply,
             Err(err) => {
                 tracing::debug!(cause = %err, "msg request failed");

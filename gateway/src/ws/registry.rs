@@ -8,8 +8,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chatoy_bus::{Delivery, DynBus};
-use chatoy_protocol::bus::{RoomEvent, UserEvent};
+use bytes::Bytes;
+use chatoy_bus::{Delivery, DynBus, Subscription};
+use chatoy_protocol::bus::{Origin, RoomEvent, UserEvent};
+use chatoy_protocol::{ServerFrame, Timestamp};
+use chatoy_store::DynStore;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -26,6 +29,8 @@ pub(crate) struct Peer {
     pub(crate) user: u64,
     /// The first eight bytes of the token's hash, to find the socket when the token is revoked.
     pub(crate) session: u64,
+    /// The token's hash, to check the session again after user events may have been lost.
+    token_hash: [u8; 32],
     /// The socket's outbound queue.
     pub(crate) mailbox: Mailbox,
     /// The rooms this socket is registered in.
@@ -33,11 +38,12 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(id: u64, user: u64, session: u64) -> Peer {
+    pub(crate) fn new(id: u64, user: u64, token_hash: [u8; 32]) -> Peer {
         Peer {
             id,
             user,
-            session,
+            session: crate::accounts::session_key(&token_hash),
+            token_hash,
             mailbox: Mailbox::default(),
             rooms: Mutex::new(Vec::new()),
         }
@@ -60,17 +66,30 @@ struct Slot {
 /// See the module documentation.
 pub(crate) struct Registry {
     bus: DynBus,
+    store: DynStore,
+    /// Most messages one room's gap recovery replays before giving up and closing its sockets.
+    recovery_limit: usize,
     gateway: u64,
     queue_bound: usize,
     metrics: Arc<Metrics>,
     rooms: Mutex<HashMap<u64, Slot>>,
-    users: Mutex<HashMap<u64, Slot>>,
+    /// Local authenticated sockets by user, for user events (joins, revoked tokens).
+    users: Mutex<HashMap<u64, Vec<Arc<Peer>>>>,
 }
 
 impl Registry {
-    pub(crate) fn new(bus: DynBus, gateway: u64, queue_bound: usize, metrics: Arc<Metrics>) -> Arc<Registry> {
+    pub(crate) fn new(
+        bus: DynBus,
+        store: DynStore,
+        gateway: u64,
+        queue_bound: usize,
+        recovery_limit: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Registry> {
         Arc::new(Registry {
             bus,
+            store,
+            recovery_limit,
             gateway,
             queue_bound,
             metrics,
@@ -79,27 +98,10 @@ impl Registry {
         })
     }
 
-    /// Registers an authenticated socket for its user's events.
-    pub(crate) fn add_user(self: &Arc<Self>, peer: &Arc<Peer>) -> Ready {
-        let mut users = self.users.lock();
-        if let Some(slot) = users.get(&peer.user) {
-            slot.members.peers.lock().push(peer.clone());
-            return slot.ready.clone();
-        }
-        let members = Arc::new(Members {
-            peers: Mutex::new(vec![peer.clone()]),
-        });
-        let (tx, ready) = watch::channel(false);
-        let task = tokio::spawn(self.clone().user_feed(peer.user, members.clone(), tx)).abort_handle();
-        users.insert(
-            peer.user,
-            Slot {
-                members,
-                ready: ready.clone(),
-                task,
-            },
-        );
-        ready
+    /// Registers an authenticated socket for its user's events. Call before reading the
+    /// user's rooms from the store, so that a join in between is not missed.
+    pub(crate) fn add_user(&self, peer: &Arc<Peer>) {
+        self.users.lock().entry(peer.user).or_default().push(peer.clone());
     }
 
     /// Adds a socket to a room; returns `None` if it already was in it.
@@ -137,7 +139,7 @@ impl Registry {
     /// answer leaves. Other gateways learn of the join from the user event.
     pub(crate) async fn join_local(self: &Arc<Self>, user: u64, room: u64, deadline: std::time::Duration) {
         let peers = match self.users.lock().get(&user) {
-            Some(slot) => slot.members.peers.lock().clone(),
+            Some(peers) => peers.clone(),
             None => return,
         };
         let waits: Vec<Ready> = peers.iter().filter_map(|peer| self.join(peer, room)).collect();
@@ -158,7 +160,13 @@ impl Registry {
                 remove_from(&mut slots, room, peer.id);
             }
         }
-        remove_from(&mut self.users.lock(), peer.user, peer.id);
+        let mut users = self.users.lock();
+        if let Some(peers) = users.get_mut(&peer.user) {
+            peers.retain(|p| p.id != peer.id);
+            if peers.is_empty() {
+                users.remove(&peer.user);
+            }
+        }
     }
 
     async fn room_feed(self: Arc<Self>, room: u64, members: Arc<Members>, ready: watch::Sender<bool>) {
@@ -170,16 +178,69 @@ impl Registry {
                 return;
             }
         };
+        // Gap recovery before any event replays from a little before the subscription began
+        // (sockets got anything older through `since`); clocks of routers may lag a little.
+        let subscribed = Timestamp(Timestamp::now().0.saturating_sub(5_000_000_000));
+        let mut last: Option<Timestamp> = None;
         let _ = ready.send(true);
         while let Some(delivery) = subscription.next().await {
             match delivery {
-                Delivery::Event(event) => self.fan_out(&members, event),
-                Delivery::Gap => {
-                    // Events were lost: make every member resume from the store with `since`.
-                    tracing::warn!(room, "room subscription lost events; closing its sockets");
-                    self.metrics.bus_gaps.inc();
-                    close_members(&members, CloseReason::SLOW_CONSUMER);
+                // One sequencer per room publishes in `sent` order: anything not newer than the
+                // last fanned-out event was already delivered (by gap recovery).
+                Delivery::Event(event) if last.is_some_and(|last| event.sent <= last) => {}
+                Delivery::Event(event) => {
+                    last = Some(event.sent);
+                    self.fan_out(&members, event);
                 }
+                Delivery::Gap => {
+                    self.metrics.bus_gaps.inc();
+                    last = Some(self.recover(room, &members, last.unwrap_or(subscribed)).await);
+                }
+            }
+        }
+    }
+
+    /// After the bus may have lost events (reconnect, lagging subscriber), replays the room's
+    /// stored messages newer than the last one fanned out. If that cannot be done completely,
+    /// the room's sockets are closed so their clients resume with `since`.
+    async fn recover(&self, room: u64, members: &Members, last: Timestamp) -> Timestamp {
+        match self.store.since(room, last, self.recovery_limit).await {
+            Ok(missed) if missed.len() < self.recovery_limit => {
+                tracing::info!(
+                    room,
+                    replayed = missed.len(),
+                    "recovered a bus gap from the store"
+                );
+                let mut newest = last;
+                for message in missed {
+                    newest = message.sent;
+                    self.fan_out(
+                        members,
+                        RoomEvent {
+                            room,
+                            sent: message.sent,
+                            // Unknown sending socket: it gets its own message, which clients
+                            // de-duplicate by uuid.
+                            origin: Origin { gateway: 0, conn: 0 },
+                            frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
+                        },
+                    );
+                }
+                newest
+            }
+            Ok(missed) => {
+                tracing::warn!(
+                    room,
+                    missed = missed.len(),
+                    "bus gap too large; closing the room's sockets"
+                );
+                close_members(members, CloseReason::SLOW_CONSUMER);
+                missed.last().map_or(last, |message| message.sent)
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, room, "cannot recover a bus gap; closing the room's sockets");
+                close_members(members, CloseReason::UNAVAILABLE);
+                last
             }
         }
     }
@@ -206,33 +267,73 @@ impl Registry {
         self.metrics.out_recv.inc_by(delivered);
     }
 
-    async fn user_feed(self: Arc<Self>, user: u64, members: Arc<Members>, ready: watch::Sender<bool>) {
-        let mut subscription = match self.bus.subscribe_user(user).await {
-            Ok(subscription) => subscription,
-            Err(err) => {
-                tracing::warn!(cause = %err, user, "cannot subscribe to user events");
-                close_members(&members, CloseReason::UNAVAILABLE);
-                return;
-            }
-        };
-        let _ = ready.send(true);
+    /// Applies every user event to this gateway's sockets of that user, for the gateway's life.
+    pub(crate) async fn user_feed(self: Arc<Self>, mut subscription: Subscription<(u64, UserEvent)>) {
         while let Some(delivery) = subscription.next().await {
-            let peers = members.peers.lock().clone();
             match delivery {
-                Delivery::Event(UserEvent::Joined { room }) => {
-                    for peer in &peers {
-                        // The subscription becomes active on its own; live traffic follows.
-                        let _ = self.join(peer, room);
-                    }
-                }
-                Delivery::Event(UserEvent::Revoked { session }) => {
-                    for peer in peers.iter().filter(|peer| peer.session == session) {
-                        peer.mailbox.close(CloseReason::REVOKED);
+                Delivery::Event((user, event)) => {
+                    let peers = match self.users.lock().get(&user) {
+                        Some(peers) => peers.clone(),
+                        None => continue,
+                    };
+                    match event {
+                        UserEvent::Joined { room } => {
+                            for peer in &peers {
+                                // The subscription becomes active on its own; live traffic follows.
+                                let _ = self.join(peer, room);
+                            }
+                        }
+                        UserEvent::Revoked { session } => {
+                            for peer in peers.iter().filter(|peer| peer.session == session) {
+                                peer.mailbox.close(CloseReason::REVOKED);
+                            }
+                        }
                     }
                 }
                 Delivery::Gap => {
-                    // A lost join or revocation cannot be reconstructed: reconnecting re-reads both.
-                    close_members(&members, CloseReason::UNAVAILABLE);
+                    let registry = self.clone();
+                    tokio::spawn(async move { registry.refresh_users().await });
+                }
+            }
+        }
+        tracing::warn!("the user-event subscription ended");
+    }
+
+    /// After user events may have been lost (a bus reconnect), re-reads from the store what
+    /// they would have said: each local user's rooms (joining any new one) and each socket's
+    /// session (closing revoked ones).
+    async fn refresh_users(self: Arc<Self>) {
+        let users: Vec<(u64, Vec<Arc<Peer>>)> = self
+            .users
+            .lock()
+            .iter()
+            .map(|(user, peers)| (*user, peers.clone()))
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        tracing::info!(users = users.len(), "refreshing user state after a bus gap");
+        let now = Timestamp::now();
+        for (user, peers) in users {
+            match self.store.user_rooms(user).await {
+                Ok(rooms) => {
+                    for peer in &peers {
+                        for room in &rooms {
+                            let _ = self.join(peer, room.id);
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, user, "cannot refresh rooms; closing the user's sockets");
+                    peers
+                        .iter()
+                        .for_each(|peer| peer.mailbox.close(CloseReason::UNAVAILABLE));
+                    continue;
+                }
+            }
+            for peer in &peers {
+                if let Ok(None) = self.store.session(&peer.token_hash, now).await {
+                    peer.mailbox.close(CloseReason::REVOKED);
                 }
             }
         }

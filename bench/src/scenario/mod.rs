@@ -1,0 +1,124 @@
+//! What both scenarios share: opening many sockets with bounded concurrency, and collecting the
+//! socket tasks' outcomes.
+
+pub(crate) mod fanout;
+pub(crate) mod idle;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::cli::Common;
+use crate::connect::{self, Dial, Target};
+use crate::socket::{self, End, Outcome, Role, Shared};
+
+/// How opening the sockets went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct ConnectStats {
+    /// Sockets asked for.
+    pub(crate) requested: u64,
+    /// Sockets authenticated.
+    pub(crate) opened: u64,
+    /// Of those, sockets that send.
+    pub(crate) opened_senders: u64,
+    /// Sockets that failed every attempt.
+    pub(crate) failed: u64,
+    /// Whether --duration ran out while connecting.
+    pub(crate) deadline_hit: bool,
+    /// Seconds from the first connect to the last auth.
+    pub(crate) secs: f64,
+    /// Authenticated sockets per second.
+    pub(crate) per_sec: f64,
+    /// The first failure, for the reader.
+    pub(crate) first_error: Option<String>,
+}
+
+/// Opens `count` sockets, `--connect-concurrency` at a time, and spawns each one's task as soon
+/// as it is authenticated (so it answers pings while the others connect). `plan(i)` names the
+/// token and the role of socket `i`.
+pub(crate) async fn open_all<'a>(
+    common: &Common,
+    target: &Target,
+    dial: Dial,
+    count: u64,
+    plan: impl Fn(u64) -> (&'a str, Role),
+    shared: &Arc<Shared>,
+    deadline: tokio::time::Instant,
+) -> (Vec<JoinHandle<Outcome>>, ConnectStats) {
+    let started = Instant::now();
+    let mut stats = ConnectStats {
+        requested: count,
+        ..ConnectStats::default()
+    };
+    let mut handles = Vec::with_capacity(count as usize);
+    let attempts = futures_util::stream::iter(0..count)
+        .map(|index| {
+            let (token, role) = plan(index);
+            async move {
+                let conn = connect::open(target, index, token, dial).await?;
+                anyhow::Ok((conn, role))
+            }
+        })
+        .buffer_unordered(usize::from(common.connect_concurrency));
+    tokio::pin!(attempts);
+    let expiry = tokio::time::sleep_until(deadline);
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            item = attempts.next() => match item {
+                None => break,
+                Some(Ok((conn, role))) => {
+                    stats.opened_senders += u64::from(role.send.is_some());
+                    handles.push(tokio::spawn(socket::drive(conn, role, shared.clone())));
+                    stats.opened += 1;
+                }
+                Some(Err(err)) => {
+                    stats.failed += 1;
+                    stats.first_error.get_or_insert_with(|| format!("{err:#}"));
+                }
+            },
+            _ = &mut expiry => {
+                stats.deadline_hit = true;
+                stats.failed = count - stats.opened;
+                break;
+            }
+        }
+    }
+    stats.secs = started.elapsed().as_secs_f64();
+    stats.per_sec = stats.opened as f64 / stats.secs.max(1e-9);
+    (handles, stats)
+}
+
+/// Waits for every socket task; a task that panicked is reported as an error string.
+pub(crate) async fn collect(handles: Vec<JoinHandle<Outcome>>) -> (Vec<Outcome>, Vec<String>) {
+    let mut outcomes = Vec::with_capacity(handles.len());
+    let mut failures = Vec::new();
+    for handle in handles {
+        match handle.await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(err) => failures.push(err.to_string()),
+        }
+    }
+    (outcomes, failures)
+}
+
+/// How many sockets ended for each reason.
+pub(crate) fn tally_ends(outcomes: &[Outcome]) -> BTreeMap<String, u64> {
+    let mut ends = BTreeMap::new();
+    for outcome in outcomes {
+        let key = match outcome.end {
+            End::Stopped => "stopped".to_owned(),
+            End::ServerClose(Some(code)) => format!("server_close_{code}"),
+            End::ServerClose(None) => "server_close".to_owned(),
+            End::Eof => "eof".to_owned(),
+            End::Io => "io_error".to_owned(),
+            End::Wire => "bad_frames".to_owned(),
+        };
+        *ends.entry(key).or_insert(0) += 1;
+    }
+    ends
+}

@@ -1,0 +1,412 @@
+//! The NATS bus of cluster mode.
+//!
+//! - Work: gateways publish each `msg` to the JetStream stream on `<prefix>.msg.<partition>.<room>`
+//!   (the partition is `room % partitions`, computed by the gateway so no server-side mapping is
+//!   needed) with the subject to answer on in the `Chatoy-Reply` header. Each partition is one
+//!   durable pull consumer with a `pinned_client` priority group: every router pulls every
+//!   partition, the server pins each partition to one of them, and moves the pin when that
+//!   router stops pulling. So each room has exactly one sequencer, and failover needs no code
+//!   here. Messages are acknowledged to the stream only after they are stored and answered.
+//! - Answers: `<prefix>.reply.<gateway>.<request>`, one wildcard subscription per gateway.
+//! - Events: core NATS on `<prefix>.room.<room>` (binary `RoomEvent`) and `<prefix>.user.<user>`
+//!   (JSON `UserEvent`). A reconnect or a slow-consumer report turns into [`Delivery::Gap`] on
+//!   every subscription, so gateways backfill from the store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{AckPolicy, PriorityPolicy};
+use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
+use async_nats::{Client, Event, HeaderMap};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
+use futures_util::{FutureExt, StreamExt};
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{Bus, BusError, Delivery, PendingReply, Responder, Subscription, Work, WorkSource};
+
+const REPLY_HEADER: &str = "Chatoy-Reply";
+const PRIORITY_GROUP: &str = "routers";
+
+/// How the NATS bus is set up; every process of a cluster must agree on all but `name`.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URLs, comma-separated (`nats://127.0.0.1:4222`).
+    pub url: String,
+    /// Subject prefix, so several deployments can share one NATS (`chatoy`).
+    pub prefix: String,
+    /// Partitions the rooms are spread over; each is one sequencer. Fixed for a deployment.
+    pub partitions: u32,
+    /// Replicas of the work stream (1 for one NATS server, 3 for a cluster).
+    pub replicas: usize,
+    /// A router that stops pulling loses its partitions after this long.
+    pub failover_timeout: Duration,
+    /// Messages a partition may have delivered but not yet acknowledged.
+    pub max_in_flight: i64,
+    /// The client name NATS shows for this process.
+    pub name: String,
+}
+
+/// The NATS [`Bus`].
+pub struct NatsBus {
+    client: Client,
+    jetstream: async_nats::jetstream::Context,
+    config: NatsConfig,
+    gateway: u64,
+    next_request: AtomicU64,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<MsgReply>>>>,
+    gaps: broadcast::Sender<()>,
+    reply_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        self.reply_task.abort();
+    }
+}
+
+impl NatsBus {
+    /// Connects (retrying in the background if NATS is not up yet) and starts the answer listener.
+    pub async fn connect(config: NatsConfig) -> Result<NatsBus, BusError> {
+        let (gaps, _) = broadcast::channel(16);
+        let signal = gaps.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(config.name.clone())
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .subscription_capacity(16 * 1024)
+            .event_callback(move |event| {
+                let signal = signal.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            tracing::info!("nats connected");
+                            let _ = signal.send(());
+                        }
+                        Event::SlowConsumer(sid) => {
+                            tracing::warn!(sid, "nats dropped messages for a slow subscription");
+                            let _ = signal.send(());
+                        }
+                        Event::Disconnected => tracing::warn!("nats disconnected"),
+                        other => tracing::info!(event = %other, "nats event"),
+                    }
+                }
+            })
+            .connect(config.url.as_str())
+            .await
+            .map_err(|err| {
+                BusError::Unavailable(format!("cannot connect to NATS at {}: {err}", config.url))
+            })?;
+        let gateway = rand::random::<u64>();
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<MsgReply>>>> = Arc::default();
+        let replies = client
+            .subscribe(format!("{}.reply.{gateway}.*", config.prefix))
+            .await
+            .map_err(unavailable)?;
+        let reply_task = tokio::spawn(route_replies(replies, pending.clone()));
+        Ok(NatsBus {
+            jetstream: async_nats::jetstream::new(client.clone()),
+            client,
+            config,
+            gateway,
+            next_request: AtomicU64::new(1),
+            pending,
+            gaps,
+            reply_task,
+        })
+    }
+
+    fn stream_name(&self) -> String {
+        format!(
+            "{}_MSG",
+            self.config.prefix.to_uppercase().replace(['.', '-'], "_")
+        )
+    }
+
+    async fn subscribe<T, F>(&self, subject: String, decode: F) -> Result<Subscription<T>, BusError>
+    where
+        T: Send + 'static,
+        F: Fn(&str, Bytes) -> Option<T> + Send + 'static,
+    {
+        let subscriber = self.client.subscribe(subject).await.map_err(unavailable)?;
+        // The subscription is active once the server has processed it: a round trip.
+        self.client.flush().await.map_err(unavailable)?;
+        let gaps = self.gaps.subscribe();
+        let events = futures_util::stream::unfold(
+            (subscriber, gaps, decode),
+            |(mut subscriber, mut gaps, decode)| async move {
+                loop {
+                    tokio::select! {
+                        message = subscriber.next() => {
+                            let message = message?;
+                            match decode(message.subject.as_str(), message.payload) {
+                                Some(event) => return Some((Delivery::Event(event), (subscriber, gaps, decode))),
+                                None => tracing::warn!(subject = %message.subject, "undecodable bus event"),
+                            }
+                        }
+                        gap = gaps.recv() => match gap {
+                            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                                return Some((Delivery::Gap, (subscriber, gaps, decode)));
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        },
+                    }
+                }
+            },
+        );
+        Ok(Subscription::new(Box::pin(events)))
+    }
+}
+
+fn unavailable(err: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(err.to_string())
+}
+
+async fn route_replies(
+    mut replies: async_nats::Subscriber,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<MsgReply>>>>,
+) {
+    while let Some(message) = replies.next().await {
+        let id = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|id| id.parse::<u64>().ok());
+        let reply = serde_json::from_slice::<MsgReply>(&message.payload);
+        match (id, reply) {
+            (Some(id), Ok(reply)) => {
+                if let Some(waiter) = pending.lock().remove(&id) {
+                    let _ = waiter.send(reply);
+                }
+            }
+            _ => tracing::warn!(subject = %message.subject, "undecodable answer"),
+        }
+    }
+}
+
+/// Removes a request's waiter however the request ends.
+struct PendingGuard {
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<MsgReply>>>>,
+    id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.id);
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn submit(&self, request: MsgRequest) -> Result<PendingReply, BusError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let guard = PendingGuard {
+            pending: self.pending.clone(),
+            id,
+        };
+        let prefix = &self.config.prefix;
+        let partition = request.room % u64::from(self.config.partitions.max(1));
+        let subject = format!("{prefix}.msg.{partition}.{}", request.room);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            REPLY_HEADER,
+            format!("{prefix}.reply.{}.{id}", self.gateway).as_str(),
+        );
+        let payload = Bytes::from(serde_json::to_vec(&request).map_err(unavailable)?);
+        // Returns once the message is queued on this connection, so submissions keep their order.
+        let stored = self
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::pin(async move {
+            let _guard = guard;
+            // The stream's acknowledgement means the bus holds the message durably.
+            stored.await.map_err(unavailable)?;
+            rx.await
+                .map_err(|_| BusError::Unavailable("answer channel closed".into()))
+        }))
+    }
+
+    async fn work(&self) -> Result<Vec<Box<dyn WorkSource>>, BusError> {
+        let prefix = &self.config.prefix;
+        let stream = self
+            .jetstream
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: self.stream_name(),
+                subjects: vec![format!("{prefix}.msg.>")],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                num_replicas: self.config.replicas.max(1),
+                max_age: Duration::from_secs(24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut sources: Vec<Box<dyn WorkSource>> = Vec::new();
+        for partition in 0..self.config.partitions.max(1) {
+            let name = format!("{}-part-{partition}", prefix.replace('.', "-"));
+            let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: format!("{prefix}.msg.{partition}.*"),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: Duration::from_secs(30),
+                        max_ack_pending: self.config.max_in_flight,
+                        priority_policy: PriorityPolicy::PinnedClient,
+                        priority_groups: vec![PRIORITY_GROUP.to_owned()],
+                        priority_timeout: self.config.failover_timeout,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(unavailable)?;
+            sources.push(Box::new(NatsWork {
+                consumer,
+                messages: None,
+                client: self.client.clone(),
+                expires: (self.config.failover_timeout / 3).max(Duration::from_millis(500)),
+                partition,
+            }));
+        }
+        Ok(sources)
+    }
+
+    async fn publish_room(&self, event: RoomEvent) -> Result<(), BusError> {
+        let subject = format!("{}.room.{}", self.config.prefix, event.room);
+        self.client
+            .publish(subject, event.encode())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn subscribe_room(&self, room: u64) -> Result<Subscription<RoomEvent>, BusError> {
+        self.subscribe(format!("{}.room.{room}", self.config.prefix), |_, payload| {
+            RoomEvent::decode(payload)
+        })
+        .await
+    }
+
+    async fn publish_user(&self, user: u64, event: UserEvent) -> Result<(), BusError> {
+        let payload = Bytes::from(serde_json::to_vec(&event).map_err(unavailable)?);
+        self.client
+            .publish(format!("{}.user.{user}", self.config.prefix), payload)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn subscribe_users(&self) -> Result<Subscription<(u64, UserEvent)>, BusError> {
+        self.subscribe(format!("{}.user.*", self.config.prefix), |subject, payload| {
+            let user = subject.rsplit('.').next()?.parse::<u64>().ok()?;
+            Some((user, serde_json::from_slice(&payload).ok()?))
+        })
+        .await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+type PullMessages = async_nats::jetstream::consumer::pull::Stream;
+
+/// One partition's pull stream in the `routers` priority group.
+struct NatsWork {
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    messages: Option<PullMessages>,
+    client: Client,
+    expires: Duration,
+    partition: u32,
+}
+
+impl NatsWork {
+    fn work(&self, message: async_nats::jetstream::Message) -> Option<Work> {
+        let reply = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(REPLY_HEADER))
+            .map(|value| value.as_str().to_owned());
+        match serde_json::from_slice::<MsgRequest>(&message.payload) {
+            Ok(request) => Some(Work {
+                request,
+                responder: Responder::Nats {
+                    client: self.client.clone(),
+                    reply,
+                    message: Box::new(message),
+                },
+            }),
+            Err(err) => {
+                tracing::warn!(cause = %err, partition = self.partition, "dropping an undecodable msg");
+                tokio::spawn(async move {
+                    let _ = message.ack().await;
+                });
+                None
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WorkSource for NatsWork {
+    async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
+        loop {
+            if self.messages.is_none() {
+                let opened = self
+                    .consumer
+                    .stream()
+                    .group(PRIORITY_GROUP)
+                    .max_messages_per_batch(max.max(1))
+                    .expires(self.expires)
+                    .heartbeat(self.expires / 2)
+                    .messages()
+                    .await;
+                match opened {
+                    Ok(messages) => self.messages = Some(messages),
+                    Err(err) => {
+                        tracing::warn!(cause = %err, partition = self.partition, "cannot pull; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                continue;
+            };
+            match messages.next().await {
+                Some(Ok(message)) => {
+                    out.extend(self.work(message));
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(cause = %err, partition = self.partition, "pull error");
+                    continue;
+                }
+                None => {
+                    self.messages = None;
+                    continue;
+                }
+            }
+            // Take whatever else is already here, without waiting.
+            while out.len() < max {
+                let Some(messages) = self.messages.as_mut() else {
+                    break;
+                };
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => out.extend(self.work(message)),
+                    _ => break,
+                }
+            }
+            if !out.is_empty() {
+                return true;
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+# Shared helpers of the local-cluster scripts. Sourced, not run.
+#
+# Everything runs on 127.0.0.1 with ports picked here, writes under one run directory, and is
+# stopped by pid files this directory wrote: nothing started elsewhere is ever touched.
+
+set -euo pipefail
+
+LOCAL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$LOCAL_DIR/../.." && pwd)
+# Logs, pid files, data: one folder per cluster.
+RUN_DIR=${CHATOY_RUN_DIR:-$REPO_DIR/.deploy-run}
+# Downloaded tools, kept across runs.
+CACHE_DIR=${CHATOY_CACHE_DIR:-$HOME/.cache/chatoy}
+JAVA17_HOME=${CHATOY_JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}
+mkdir -p "$RUN_DIR" "$CACHE_DIR"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# A TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.5 s.
+wait_for() {
+  local seconds=$1 what=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    if ((SECONDS >= deadline)); then
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# stop_pid PIDFILE GRACE: SIGTERM, wait up to GRACE seconds, then SIGKILL; only that pid.
+stop_pid() {
+  local file=$1 grace=${2:-30}
+  [[ -f $file ]] || return 0
+  local pid; pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + grace))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid did not stop in ${grace}s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$file"
+}
