@@ -15,7 +15,9 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Cli, ClusterGatewayArgs, Command, LogFormat, MigrateArgs, RouterArgs, StandaloneArgs};
+use crate::config::{
+    Cli, ClusterGatewayArgs, Command, CqlArgs, LogFormat, MigrateArgs, NatsArgs, RouterArgs, StandaloneArgs,
+};
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -126,12 +128,7 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot start the router")?;
-    let listener = TcpListener::bind(args.common.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.common.listen))?;
-    let local = listener
-        .local_addr()
-        .context("cannot read the listening address")?;
+    let (listener, local) = bind(args.common.listen).await?;
     tracing::info!(%local, data_dir = %args.data_dir.display(), "chatoy standalone ready");
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
@@ -151,24 +148,35 @@ fn node_name(role: &str, node_id: &Option<String>) -> String {
     })
 }
 
-async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
-    let name = node_name("gateway", &args.node_id);
-    let bus: chatoy_bus::DynBus = Arc::new(
-        NatsBus::connect(args.nats.config(name.clone()))
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
-    let store: chatoy_store::DynStore = Arc::new(
-        CqlStore::connect(&args.cql.config(1))
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
-    let listener = TcpListener::bind(args.common.listen)
+/// The bus and store of a cluster process.
+async fn connect_cluster(
+    nats: &NatsArgs,
+    cql: &CqlArgs,
+    name: &str,
+) -> anyhow::Result<(chatoy_bus::DynBus, chatoy_store::DynStore)> {
+    let bus = NatsBus::connect(nats.config(name.to_owned()))
         .await
-        .with_context(|| format!("cannot listen on {}", args.common.listen))?;
+        .map_err(anyhow::Error::msg)?;
+    let store = CqlStore::connect(&cql.config(1))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok((Arc::new(bus), Arc::new(store)))
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<(TcpListener, std::net::SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener
         .local_addr()
         .context("cannot read the listening address")?;
+    Ok((listener, local))
+}
+
+async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
+    let name = node_name("gateway", &args.node_id);
+    let (bus, store) = connect_cluster(&args.nats, &args.cql, &name).await?;
+    let (listener, local) = bind(args.common.listen).await?;
     tracing::info!(%local, node = %name, "chatoy gateway ready");
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
@@ -181,22 +189,8 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
 
 async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let name = node_name("router", &args.node_id);
-    let bus: chatoy_bus::DynBus = Arc::new(
-        NatsBus::connect(args.nats.config(name.clone()))
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
-    let store: chatoy_store::DynStore = Arc::new(
-        CqlStore::connect(&args.cql.config(1))
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener
-        .local_addr()
-        .context("cannot read the listening address")?;
+    let (bus, store) = connect_cluster(&args.nats, &args.cql, &name).await?;
+    let (listener, local) = bind(args.listen).await?;
     let shutdown = shutdown_on_signal();
     let stop_work = CancellationToken::new();
     let config = chatoy_router::RouterConfig {
