@@ -1,12 +1,15 @@
-//! The fixtures every end-to-end test stands on: a real `chatoy` process on a fresh data
-//! directory, an HTTP client for its API, a tungstenite WebSocket client and a raw one that can
-//! put any bytes on the wire, and the exact-shape assertions shared by all tests.
+//! The fixtures every end-to-end test stands on: the server under test (a `chatoy standalone`
+//! process on a fresh data directory, or with `CHATOY_E2E_MODE=cluster` a private mini-cluster of
+//! a router and two gateways behind HAProxy on the shared NATS and Cassandra), an HTTP client
+//! for its API, a tungstenite WebSocket client and a raw one that can put any bytes on the wire,
+//! and the exact-shape assertions shared by all tests.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -14,18 +17,23 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::minicluster::{scrub_env, Cluster, Spec, FAILOVER_TIMEOUT};
 
 /// How long any single expected event may take before the test fails instead of hanging.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// Flags every test server gets: cheap password hashing keeps logins fast.
-const FAST_ARGON2: [&str; 4] = ["--argon2-memory-kib", "1024", "--argon2-iterations", "1"];
+pub(crate) const FAST_ARGON2: [&str; 4] = ["--argon2-memory-kib", "1024", "--argon2-iterations", "1"];
 
 /// A password that satisfies the 8–128 byte rule.
 pub(crate) const PASSWORD: &str = "correct horse battery";
+
+/// What `chatoy standalone` prints once it serves.
+const LISTENING: &str = "chatoy listening on http://127.0.0.1:";
 
 /// Awaits `fut`, failing the test with `what` if it takes longer than `limit`.
 pub(crate) async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Output = T>) -> T {
@@ -48,7 +56,8 @@ pub(crate) fn new_uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// A directory under the system temp dir, removed with everything in it on drop.
+/// A directory under the system temp dir, removed with everything in it on drop, unless the
+/// test is failing: then it is kept (and named on stderr) for its logs.
 pub(crate) struct TempDir {
     path: PathBuf,
 }
@@ -69,59 +78,113 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs and data of the failed test kept in {}", self.path.display());
+            return;
+        }
         let _ = fs::remove_dir_all(&self.path);
     }
 }
 
-/// A running `chatoy standalone` process on its own data directory.
-///
-/// Dropping it kills the process and removes the directory; [`Server::terminate`] stops it the
-/// way an orchestrator does (SIGTERM) and [`Server::restart`] starts it again on the same data.
-pub(crate) struct Server {
-    child: Option<Child>,
-    port: u16,
-    extra: Vec<String>,
-    dir: TempDir,
+/// Waits (at most `limit`) for `child` to exit, without blocking the runtime; past the limit it
+/// kills the child and fails the test.
+pub(crate) async fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?} (killed)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
-impl Server {
-    /// Starts a server with the default configuration (plus cheap password hashing).
-    pub(crate) async fn start() -> Server {
-        Server::start_with(&[]).await
-    }
+/// Runs a command to its end (at most `limit`) with stdout and stderr written to `log`;
+/// returns its exit status and everything it wrote.
+pub(crate) async fn run_command(
+    command: &mut Command,
+    log: &Path,
+    limit: Duration,
+    what: &str,
+) -> (ExitStatus, String) {
+    let out = fs::File::create(log).expect("create command log");
+    let err = out.try_clone().expect("clone command log");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {what}: {err}"));
+    let status = wait_exit(&mut child, limit, what).await;
+    let output = fs::read(log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    (status, output)
+}
 
-    /// Starts a server with extra command-line flags.
-    pub(crate) async fn start_with(extra: &[&str]) -> Server {
-        let mut server = Server {
-            child: None,
+/// One `chatoy` process (`standalone`, `gateway` or `router`) that can be stopped and started
+/// again with the same arguments; it listens on `--listen 127.0.0.1:PORT` and its stderr goes
+/// to a log file that every incarnation appends to.
+pub(crate) struct Process {
+    name: String,
+    /// Every argument but `--listen`, subcommand first.
+    args: Vec<String>,
+    /// The port of the last start (0 before the first).
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// A process that is not started yet.
+    pub(crate) fn new(name: &str, args: Vec<String>, log: PathBuf) -> Process {
+        Process {
+            name: name.to_owned(),
+            args,
             port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            dir: TempDir::new(),
-        };
-        server.spawn().await;
-        server
+            child: None,
+            log,
+        }
     }
 
-    async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "server already running");
+    /// Starts the process and waits (at most `limit`) for its first stdout line, which must be
+    /// `ready` followed by the port. It listens on its previous port if that is still free, so a
+    /// restart keeps its address; otherwise on a new one.
+    pub(crate) async fn start(&mut self, ready: &str, limit: Duration) {
+        // A process that died by itself is started again like a stopped one.
+        if let Some(child) = self.child.as_mut() {
+            let exited = child.try_wait().expect("try_wait").is_some();
+            assert!(exited, "{} is already running", self.name);
+            self.child = None;
+        }
+        if self.port != 0 && self.try_start(self.port, ready, limit).await.is_ok() {
+            return;
+        }
+        if let Err(why) = self.try_start(0, ready, limit).await {
+            panic!("{why}; stderr of {}:\n{}", self.name, self.stderr());
+        }
+    }
+
+    async fn try_start(&mut self, port: u16, ready: &str, limit: Duration) -> Result<(), String> {
         let stderr = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.stderr_path())
+            .open(&self.log)
             .expect("open stderr log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatoy"))
-            .arg("standalone")
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+        command
+            .args(&self.args)
             .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .args(FAST_ARGON2)
-            .args(&self.extra)
+            .arg(format!("127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn chatoy");
+            .stderr(Stdio::from(stderr));
+        scrub_env(&mut command);
+        let mut child = command.spawn().expect("spawn chatoy");
         let stdout = child.stdout.take().expect("piped stdout");
         let (ready_tx, ready_rx) = oneshot::channel::<String>();
         std::thread::spawn(move || {
@@ -133,62 +196,45 @@ impl Server {
                 }
             }
         });
-        self.child = Some(child);
-        let line = match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+        let line = match tokio::time::timeout(limit, ready_rx).await {
             Ok(Ok(line)) => line,
-            Ok(Err(_)) => panic!(
-                "chatoy exited before printing its listening line; stderr:\n{}",
-                self.stderr()
-            ),
-            Err(_) => panic!(
-                "chatoy printed no listening line within 30 s; stderr:\n{}",
-                self.stderr()
-            ),
+            Ok(Err(_)) => {
+                let _ = wait_exit(&mut child, WAIT, &self.name).await;
+                return Err(format!(
+                    "{} exited before printing its ready line (on port {port})",
+                    self.name
+                ));
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} printed no ready line within {limit:?}", self.name));
+            }
         };
-        let port = line
-            .strip_prefix("chatoy listening on http://127.0.0.1:")
+        self.child = Some(child);
+        self.port = line
+            .strip_prefix(ready)
             .and_then(|port| port.trim().parse::<u16>().ok())
-            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-        self.port = port;
+            .unwrap_or_else(|| panic!("unexpected first stdout line of {}: {line:?}", self.name));
+        Ok(())
     }
 
-    /// `http://127.0.0.1:PORT`.
-    pub(crate) fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// The name used in logs and errors (`gateway-2`).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
-    /// `ws://127.0.0.1:PORT/ws`.
-    pub(crate) fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.port)
+    /// The port it listens on (or last listened on).
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 
-    /// `127.0.0.1:PORT`.
-    pub(crate) fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+    /// Whether it was started and not stopped through this handle since.
+    pub(crate) fn is_started(&self) -> bool {
+        self.child.is_some()
     }
 
-    /// The SQLite database inside the data directory.
-    pub(crate) fn db_path(&self) -> PathBuf {
-        self.dir.path().join("chatoy.db")
-    }
-
-    fn stderr_path(&self) -> PathBuf {
-        self.dir.path().join("stderr.log")
-    }
-
-    /// Everything the process (and earlier incarnations on this data dir) wrote to stderr.
-    pub(crate) fn stderr(&self) -> String {
-        fs::read(self.stderr_path())
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
-    }
-
-    /// An HTTP client for this server.
-    pub(crate) fn api(&self) -> Api {
-        Api::new(self.base_url())
-    }
-
-    /// Whether the process is still running.
+    /// Whether it is still running.
     pub(crate) fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(child) => child.try_wait().expect("try_wait").is_none(),
@@ -196,37 +242,44 @@ impl Server {
         }
     }
 
+    /// Everything every incarnation wrote to stderr.
+    pub(crate) fn stderr(&self) -> String {
+        fs::read(&self.log)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Sends SIGTERM and waits (at most `limit`) for the process to exit.
     pub(crate) async fn terminate(&mut self, limit: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("server is running");
+        let child = self
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "chatoy did not exit within {limit:?} of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(status.success(), "kill -TERM {} failed", self.name);
+        let what = format!("{} after SIGTERM", self.name);
+        let status = wait_exit(child, limit, &what).await;
+        self.child = None;
+        status
     }
 
-    /// Starts the process again on the same data directory (on a new port).
-    pub(crate) async fn restart(&mut self) {
-        self.spawn().await;
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub(crate) async fn kill(&mut self) {
+        let child = self
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        child.kill().expect("SIGKILL");
+        wait_exit(child, WAIT, &self.name).await;
+        self.child = None;
     }
-}
 
-impl Drop for Server {
-    fn drop(&mut self) {
+    /// Kills the process if it runs, blocking (for `Drop`).
+    pub(crate) fn kill_now(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -234,6 +287,261 @@ impl Drop for Server {
     }
 }
 
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// How the suite runs, from `CHATOY_E2E_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Unset or `standalone`: one `chatoy standalone` process per test.
+    Standalone,
+    /// `cluster`: a private mini-cluster per test on the shared NATS and Cassandra.
+    Cluster,
+}
+
+/// The mode this run tests; an unknown value fails loudly.
+pub(crate) fn mode() -> Mode {
+    match std::env::var("CHATOY_E2E_MODE").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "standalone") => Mode::Standalone,
+        Ok("cluster") => Mode::Cluster,
+        other => panic!("CHATOY_E2E_MODE must be `standalone` or `cluster`, not {other:?}"),
+    }
+}
+
+/// How many mini-clusters may run at once (`CHATOY_E2E_CLUSTER_JOBS`, default 2): each is three
+/// processes besides the shared Cassandra, so more tests in parallel than this only slow every
+/// one of them down on a small machine.
+fn cluster_slots() -> Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| {
+            let jobs = std::env::var("CHATOY_E2E_CLUSTER_JOBS")
+                .ok()
+                .map(|jobs| {
+                    jobs.parse::<usize>().ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                        panic!("CHATOY_E2E_CLUSTER_JOBS={jobs:?} is not a positive number")
+                    })
+                })
+                .unwrap_or(2);
+            Arc::new(Semaphore::new(jobs))
+        })
+        .clone()
+}
+
+/// The server under test, whatever the mode: one `chatoy standalone` process on its own data
+/// directory, or a mini-cluster (one router, two gateways, HAProxy) on a fresh keyspace and NATS
+/// prefix. Its base URL is the process or the HAProxy; in cluster mode successive WebSockets
+/// alternate between the two gateways, so every room spans both and every fan-out and `since`
+/// crosses NATS.
+///
+/// Dropping it kills every process (and removes the data directory); [`Server::terminate`]
+/// stops it the way an orchestrator does (SIGTERM) and [`Server::restart`] starts it again on
+/// the same data.
+pub(crate) struct Server {
+    backend: Backend,
+    /// When [`Server::block_writes`] stopped a cluster's router.
+    writes_blocked_at: Option<tokio::time::Instant>,
+    /// Held while a mini-cluster runs (see [`cluster_slots`]).
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+enum Backend {
+    Standalone(Box<Standalone>),
+    Cluster(Box<Cluster>),
+}
+
+struct Standalone {
+    process: Process,
+    /// The SQLite write lock held by [`Server::block_writes`].
+    lock: Mutex<Option<rusqlite::Connection>>,
+    /// Declared last: removed after the process is gone.
+    dir: TempDir,
+}
+
+impl Server {
+    /// Starts a server with the default configuration (plus cheap password hashing).
+    pub(crate) async fn start() -> Server {
+        Server::start_with(&[]).await
+    }
+
+    /// Starts a server with extra command-line flags (flags of every process that serves
+    /// clients: `chatoy standalone` and `chatoy gateway` take them alike).
+    pub(crate) async fn start_with(extra: &[&str]) -> Server {
+        Server::start_with_sqlite(extra, &[]).await
+    }
+
+    /// Starts a server with `extra` flags plus `sqlite` flags that only a standalone server
+    /// understands (its SQLite store); a cluster has no use for them.
+    pub(crate) async fn start_with_sqlite(extra: &[&str], sqlite: &[&str]) -> Server {
+        match mode() {
+            Mode::Standalone => {
+                let dir = TempDir::new();
+                let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
+                args.push(dir.path().display().to_string());
+                args.extend(
+                    FAST_ARGON2
+                        .iter()
+                        .chain(extra)
+                        .chain(sqlite)
+                        .map(|s| s.to_string()),
+                );
+                let mut process = Process::new("chatoy", args, dir.path().join("stderr.log"));
+                process.start(LISTENING, Duration::from_secs(30)).await;
+                Server {
+                    backend: Backend::Standalone(Box::new(Standalone {
+                        process,
+                        lock: Mutex::new(None),
+                        dir,
+                    })),
+                    writes_blocked_at: None,
+                    _slot: None,
+                }
+            }
+            Mode::Cluster => {
+                let slot = cluster_slots().acquire_owned().await.expect("semaphore open");
+                let cluster = Cluster::start(Spec::new(1, 2, extra)).await;
+                Server {
+                    backend: Backend::Cluster(Box::new(cluster)),
+                    writes_blocked_at: None,
+                    _slot: Some(slot),
+                }
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`: the process, or the HAProxy.
+    pub(crate) fn base_url(&self) -> String {
+        match &self.backend {
+            Backend::Standalone(s) => format!("http://127.0.0.1:{}", s.process.port()),
+            Backend::Cluster(c) => c.base_url(),
+        }
+    }
+
+    /// Where the next WebSocket connects: `127.0.0.1:PORT` and the request path (`/ws`, or in
+    /// cluster mode `/ws?gateway=N` with the gateways taking turns).
+    pub(crate) fn ws_target(&self) -> (String, String) {
+        match &self.backend {
+            Backend::Standalone(s) => (format!("127.0.0.1:{}", s.process.port()), "/ws".into()),
+            Backend::Cluster(c) => (c.lb_addr(), c.next_ws_path()),
+        }
+    }
+
+    /// `ws://127.0.0.1:PORT/ws` for the next WebSocket (see [`Server::ws_target`]).
+    pub(crate) fn ws_url(&self) -> String {
+        let (addr, path) = self.ws_target();
+        format!("ws://{addr}{path}")
+    }
+
+    /// The WebSocket URL of gateway `n` (1-based), for limits that hold per process. A
+    /// standalone server is its own only gateway.
+    pub(crate) fn gateway_ws_url(&self, n: usize) -> String {
+        match &self.backend {
+            Backend::Standalone(s) => {
+                assert_eq!(n, 1, "a standalone server is one gateway");
+                format!("ws://127.0.0.1:{}/ws", s.process.port())
+            }
+            Backend::Cluster(c) => c.ws_url(n),
+        }
+    }
+
+    /// Everything every process (and earlier incarnations) wrote to stderr.
+    pub(crate) fn stderr(&self) -> String {
+        match &self.backend {
+            Backend::Standalone(s) => s.process.stderr(),
+            Backend::Cluster(c) => c.stderr(),
+        }
+    }
+
+    /// An HTTP client for this server; its metrics are the sum over every gateway.
+    pub(crate) fn api(&self) -> Api {
+        match &self.backend {
+            Backend::Standalone(_) => Api::new(self.base_url(), vec![self.base_url()]),
+            Backend::Cluster(c) => c.api(),
+        }
+    }
+
+    /// Whether every process is still running.
+    pub(crate) fn is_running(&mut self) -> bool {
+        match &mut self.backend {
+            Backend::Standalone(s) => s.process.is_running(),
+            Backend::Cluster(c) => c.is_running(),
+        }
+    }
+
+    /// Sends SIGTERM (to every gateway at once, then to the router) and waits (at most `limit`
+    /// each) for the processes to exit; returns the first unsuccessful exit status, if any, else
+    /// a successful one.
+    pub(crate) async fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        match &mut self.backend {
+            Backend::Standalone(s) => s.process.terminate(limit).await,
+            Backend::Cluster(c) => {
+                let statuses = c.terminate_all(limit).await;
+                assert!(!statuses.is_empty(), "nothing was running");
+                for (name, status) in &statuses {
+                    if !status.success() {
+                        eprintln!("{name} exited with {status}");
+                    }
+                }
+                statuses
+                    .iter()
+                    .find(|(_, status)| !status.success())
+                    .unwrap_or(&statuses[0])
+                    .1
+            }
+        }
+    }
+
+    /// Starts the stopped processes again on the same data, each on its old port if it is
+    /// still free (the cluster keeps its HAProxy address in any case).
+    pub(crate) async fn restart(&mut self) {
+        match &mut self.backend {
+            Backend::Standalone(s) => s.process.start(LISTENING, Duration::from_secs(30)).await,
+            Backend::Cluster(c) => c.restart_stopped().await,
+        }
+    }
+
+    /// Makes the store unwritable for the server until [`Server::unblock_writes`]: a standalone
+    /// server finds SQLite's write lock held by another process (start it with
+    /// `--sqlite-busy-timeout` shorter than `--send-timeout` so it answers code 5 itself); a
+    /// cluster loses its router (SIGTERM), so its gateways answer code 5 at `--send-timeout`.
+    pub(crate) async fn block_writes(&mut self) {
+        match &mut self.backend {
+            Backend::Standalone(s) => {
+                let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
+                db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+                db.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+                *s.lock.lock().expect("lock") = Some(db);
+            }
+            Backend::Cluster(c) => {
+                for (name, status) in c.terminate_routers(Duration::from_secs(15)).await {
+                    assert!(status.success(), "{name} exited with {status} after SIGTERM");
+                }
+                self.writes_blocked_at = Some(tokio::time::Instant::now());
+            }
+        }
+    }
+
+    /// Undoes [`Server::block_writes`]: releases the lock, or starts the router again (once the
+    /// stopped one's partitions are free) and waits until it consumes.
+    pub(crate) async fn unblock_writes(&mut self) {
+        match &mut self.backend {
+            Backend::Standalone(s) => {
+                let db = s.lock.lock().expect("lock").take().expect("writes are blocked");
+                db.execute_batch("COMMIT").expect("release the write lock");
+            }
+            Backend::Cluster(c) => {
+                // NATS keeps a stopped router's partitions pinned to it for the failover
+                // timeout: a router started sooner would get no work until then.
+                let stopped = self.writes_blocked_at.take().expect("writes are blocked");
+                tokio::time::sleep_until(stopped + FAILOVER_TIMEOUT).await;
+                c.restart_stopped().await;
+            }
+        }
+    }
+}
 /// One HTTP answer: status, body as JSON (`Value::Null` if it was not JSON) and raw text.
 #[derive(Debug)]
 pub(crate) struct Reply {
@@ -287,16 +595,19 @@ pub(crate) struct TestUser {
 #[derive(Clone)]
 pub(crate) struct Api {
     base: String,
+    /// The base URLs whose `/metrics` are summed: every gateway.
+    metrics: Vec<String>,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn new(base: String) -> Api {
+    /// A client of `base` whose metrics are the sum of those of `metrics`.
+    pub(crate) fn new(base: String, metrics: Vec<String>) -> Api {
         let http = reqwest::Client::builder()
             .timeout(WAIT)
             .build()
             .expect("build reqwest client");
-        Api { base, http }
+        Api { base, metrics, http }
     }
 
     /// Sends a request with an optional bearer token and optional raw body.
@@ -466,11 +777,25 @@ impl Api {
         messages
     }
 
-    /// Reads one sample of a Prometheus metric (exact series name with labels), if present.
+    /// Reads one sample of a Prometheus metric (exact series name with labels), summed over
+    /// every gateway that has it; `None` if none has.
     pub(crate) async fn metric(&self, series: &str) -> Option<f64> {
-        let reply = self.get("/metrics", None).await;
-        assert_eq!(reply.status, 200, "metrics: {reply:?}");
-        metric_value(&reply.text, series)
+        let mut sum = None;
+        for base in &self.metrics {
+            let url = format!("{base}/metrics");
+            let response = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .unwrap_or_else(|err| panic!("{url}: {err}"));
+            assert_eq!(response.status().as_u16(), 200, "{url}");
+            let text = response.text().await.expect("read metrics");
+            if let Some(value) = metric_value(&text, series) {
+                sum = Some(sum.unwrap_or(0.0) + value);
+            }
+        }
+        sum
     }
 }
 
@@ -699,6 +1024,14 @@ impl Ws {
         Ws::connect_url(&server.ws_url()).await
     }
 
+    /// Opens a WebSocket to a URL and authenticates, asserting auth code 0.
+    pub(crate) async fn authed_url(url: &str, token: &str) -> Ws {
+        let mut ws = Ws::connect_url(url).await;
+        let answer = ws.auth(token, None).await;
+        assert_auth(&answer, 0);
+        ws
+    }
+
     /// Opens a WebSocket to a URL.
     pub(crate) async fn connect_url(url: &str) -> Ws {
         let (inner, response) = within(WAIT, "the upgrade", tokio_tungstenite::connect_async(url))
@@ -904,7 +1237,8 @@ impl RawWs {
 
     /// Connects with an optional `SO_RCVBUF`, then upgrades.
     pub(crate) async fn connect_with(server: &Server, recv_buffer: Option<u32>) -> RawWs {
-        let addr: std::net::SocketAddr = server.addr().parse().expect("addr");
+        let (addr, path) = server.ws_target();
+        let addr: std::net::SocketAddr = addr.parse().expect("addr");
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
@@ -915,9 +1249,8 @@ impl RawWs {
         stream.set_nodelay(true).expect("nodelay");
         let mut reader = tokio::io::BufReader::new(stream);
         let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            server.addr()
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         within(
             WAIT,

@@ -46,28 +46,29 @@ async fn rate_limit_code_4_then_retry() {
 
 #[tokio::test]
 async fn store_unavailable_code_5_then_retry() {
-    let server = Server::start_with(&["--sqlite-busy-timeout", "100ms", "--send-timeout", "2s"]).await;
+    // Standalone: SQLite's write lock is held by another process and the store gives up after
+    // 100 ms. Cluster: the router is down and the gateway gives up at the send timeout.
+    let mut server =
+        Server::start_with_sqlite(&["--send-timeout", "2s"], &["--sqlite-busy-timeout", "100ms"]).await;
     let api = server.api();
     let alice = api.new_user("alice").await;
     let room = api.create_room(&alice.token, "locked").await;
     let mut ws = Ws::authed(&server, &alice.token).await;
     ws.send_ok(&new_uuid(), room, "before the lock").await;
 
-    // Hold SQLite's write lock from outside the server.
-    let db = rusqlite::Connection::open(server.db_path()).expect("open chatoy.db");
-    db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    db.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+    server.block_writes().await;
     let uuid = new_uuid();
     let answer = ws.send_msg(&uuid, room, "while locked").await;
     assert_send(&answer, 5, &uuid);
-    db.execute_batch("COMMIT").expect("release the write lock");
-    drop(db);
+    server.unblock_writes().await;
 
-    ws.send_ok(&uuid, room, "while locked").await;
+    // The client resends the same uuid, as it should after code 5: acknowledged now.
+    let resent = ts(&ws.send_ok(&uuid, room, "while locked").await);
     let history = api.history(&alice.token, room, None, None).await;
-    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history.len(), 2, "stored exactly once: {history:?}");
     assert_eq!(history[0]["uuid"], json!(uuid));
     assert_eq!(history[0]["data"]["text"], json!("while locked"));
+    assert_eq!(ts(history[0]["sent"].as_str().expect("sent")), resent);
 }
 
 /// A valid `msg` frame padded with trailing whitespace to exactly `len` bytes.
@@ -182,15 +183,12 @@ async fn socket_cap_answers_503() {
     let server = Server::start_with(&["--max-sockets", "2"]).await;
     let api = server.api();
     let user = api.new_user("crowd").await;
-    let first = Ws::authed(&server, &user.token).await;
-    let mut second = Ws::connect(&server).await;
+    // The cap holds per process: every socket goes to the same gateway.
+    let url = server.gateway_ws_url(1);
+    let first = Ws::authed_url(&url, &user.token).await;
+    let mut second = Ws::connect_url(&url).await;
 
-    let refused = within(
-        WAIT,
-        "the third upgrade",
-        tokio_tungstenite::connect_async(server.ws_url()),
-    )
-    .await;
+    let refused = within(WAIT, "the third upgrade", tokio_tungstenite::connect_async(&url)).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status().as_u16(), 503);
@@ -209,7 +207,7 @@ async fn socket_cap_answers_503() {
         }
     })
     .await;
-    let mut third = Ws::authed(&server, &user.token).await;
+    let mut third = Ws::authed_url(&url, &user.token).await;
     let room = api.create_room(&user.token, "cap").await;
     third.send_ok(&new_uuid(), room, "made it").await;
     let answer = second.auth(&user.token, None).await;

@@ -1,11 +1,16 @@
 //! End-to-end tests: each test starts a real `chatoy standalone` process on a fresh data
-//! directory and talks to it only through HTTP and WebSocket, checking PROTOCOL.md exactly.
+//! directory (or, with `CHATOY_E2E_MODE=cluster`, a private mini-cluster of a router and two
+//! gateways behind HAProxy on the shared NATS and Cassandra) and talks to it only through HTTP
+//! and WebSocket, checking PROTOCOL.md exactly.
 
 mod delivery;
 mod harness;
 mod http_api;
 mod limits;
 mod malformed;
+// Shared with tests/cluster, which uses the parts this suite does not.
+#[allow(dead_code)]
+mod minicluster;
 mod restart;
 mod resume;
 mod websocket;

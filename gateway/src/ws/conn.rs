@@ -19,7 +19,7 @@ use hyper::header::{
 };
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -441,6 +441,22 @@ async fn finish(ws: &mut Socket, reason: Option<CloseReason>, timeout: Duration)
     match reason {
         Some(reason) => {
             let _ = write_raw(ws, &wire::close(reason), timeout).await;
+            // Half-close, then read and drop what the client still sends (the rest of an
+            // oversized frame): closing with unread input makes the kernel answer with a reset,
+            // which a proxy in between may deliver before our close frame.
+            let io = ws.get_mut();
+            let _ = io.shutdown().await;
+            let mut sink = vec![0u8; 4096];
+            let mut drained = 0usize;
+            let drain = async {
+                while let Ok(read) = io.read(&mut sink).await {
+                    drained += read;
+                    if read == 0 || drained > 1 << 20 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
         }
         None => {
             let _ = tokio::time::timeout(timeout, ws.flush()).await;

@@ -1,0 +1,57 @@
+//! `chatoy migrate` is idempotent: run twice on the same keyspace it exits 0 both times, and
+//! what was written in between is still there and still works.
+
+use serde_json::json;
+
+use crate::harness::{new_uuid, random_hex, TempDir, Ws};
+use crate::minicluster::{migrate, Cluster, Services, Spec};
+
+#[tokio::test]
+async fn migrate_twice_is_harmless() {
+    let services = Services::from_env();
+    let keyspace = format!("e2e_{}", random_hex(12));
+    let logs = TempDir::new();
+    let (status, output) = migrate(&services, &keyspace, &logs.path().join("first.log")).await;
+    assert!(status.success(), "first migrate: {status}\n{output}");
+    assert!(
+        output.contains(&format!("migrated keyspace {keyspace}")),
+        "{output}"
+    );
+
+    let cluster = Cluster::start_on(&keyspace, Spec::new(1, 2, &[])).await;
+    let api = cluster.api();
+    let alice = api.new_user("alice").await;
+    let bob = api.new_user("bob").await;
+    let room = api.create_room(&alice.token, "kept").await;
+    api.join(&bob.token, room).await;
+    let mut a = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
+    let mut b = Ws::authed_url(&cluster.ws_url(2), &bob.token).await;
+    for i in 0..3 {
+        let uuid = new_uuid();
+        a.send_ok(&uuid, room, &format!("before the second migrate {i}"))
+            .await;
+        assert_eq!(b.next_recv().await["uuid"], json!(uuid));
+    }
+    let before = api.history(&bob.token, room, None, None).await;
+    assert_eq!(before.len(), 3);
+
+    // The second run, against the live cluster.
+    let (status, output) = migrate(&services, &keyspace, &logs.path().join("second.log")).await;
+    assert!(status.success(), "second migrate: {status}\n{output}");
+
+    // Everything is still there: history, tokens, passwords, rooms and memberships.
+    assert_eq!(api.history(&bob.token, room, None, None).await, before);
+    let mine = api.get("/rooms/me", Some(&bob.token)).await;
+    assert_eq!(mine.status, 200, "{mine:?}");
+    assert_eq!(mine.body[0]["id"], json!(room));
+    let (token, user) = api.login(&alice.username).await;
+    assert_eq!(user["id"], json!(alice.id));
+    // And keeps working: new messages, new users and rooms with new ids.
+    let uuid = new_uuid();
+    a.send_ok(&uuid, room, "after the second migrate").await;
+    assert_eq!(b.next_recv().await["uuid"], json!(uuid));
+    let carol = api.new_user("carol").await;
+    assert!(carol.id != alice.id && carol.id != bob.id);
+    assert_ne!(api.create_room(&token, "new").await, room);
+    assert_eq!(api.history(&alice.token, room, None, None).await.len(), 4);
+}

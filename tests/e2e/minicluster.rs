@@ -1,0 +1,611 @@
+//! A private Chatoy cluster for one test, on the shared NATS and Cassandra the test command
+//! started (`CHATOY_NATS_URL`, `CHATOY_CQL_NODES`): a fresh keyspace migrated with RF 1, a fresh
+//! NATS prefix, routers and gateways as real `chatoy` processes, and a private HAProxy in front
+//! of the gateways (`deploy/local/haproxy` with its own `CHATOY_RUN_DIR`). Every process is
+//! started with explicit flags and with no inherited `CHATOY_*` variable but `CHATOY_LOG`.
+//! Dropping the cluster kills them all, stops the HAProxy and gives back what it took of the
+//! shared services: its keyspace is dropped and its NATS stream deleted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::harness::{random_hex, run_command, Api, Process, TempDir};
+
+/// What a gateway prints once it serves.
+const GATEWAY_READY: &str = "chatoy listening on http://127.0.0.1:";
+/// What a router prints once it consumes its partitions.
+const ROUTER_READY: &str = "chatoy router health on http://127.0.0.1:";
+/// How long a dead router keeps its partitions: short, so tests that stop routers move on.
+pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long any process may take to start (Cassandra answers slowly on a busy machine).
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// The shared services of the test command, from the environment.
+#[derive(Debug, Clone)]
+pub(crate) struct Services {
+    /// `CHATOY_NATS_URL`.
+    pub(crate) nats_url: String,
+    /// `CHATOY_CQL_NODES`.
+    pub(crate) cql_nodes: String,
+}
+
+impl Services {
+    /// Reads the services from the environment; a missing one fails the test loudly.
+    pub(crate) fn from_env() -> Services {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|value| !value.trim().is_empty())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name} is not set: cluster tests need the shared NATS and Cassandra that \
+                         scripts/test starts (by hand: `CHATOY_RUN_DIR=/tmp/e2e-services \
+                         deploy/local/nats start` and `... deploy/local/cassandra start`, then \
+                         export CHATOY_NATS_URL=nats://127.0.0.1:PORT and \
+                         CHATOY_CQL_NODES=127.0.0.1:PORT)"
+                    )
+                })
+        };
+        Services {
+            nats_url: var("CHATOY_NATS_URL"),
+            cql_nodes: var("CHATOY_CQL_NODES"),
+        }
+    }
+}
+
+/// The shape of a mini-cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    /// Routers to start.
+    pub(crate) routers: usize,
+    /// Gateways to start (each behind the HAProxy).
+    pub(crate) gateways: usize,
+    /// Extra flags of every gateway (the test's flags).
+    pub(crate) gateway_flags: Vec<String>,
+}
+
+impl Spec {
+    /// `routers` routers and `gateways` gateways with `flags`.
+    pub(crate) fn new(routers: usize, gateways: usize, flags: &[&str]) -> Spec {
+        Spec {
+            routers,
+            gateways,
+            gateway_flags: flags.iter().map(|flag| flag.to_string()).collect(),
+        }
+    }
+}
+
+/// Runs `chatoy migrate` for `keyspace` with RF 1; returns its exit status and output.
+pub(crate) async fn migrate(services: &Services, keyspace: &str, log: &Path) -> (ExitStatus, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+    command.args([
+        "migrate",
+        "--keyspace",
+        keyspace,
+        "--replication-factor",
+        "1",
+        "--cql-nodes",
+        &services.cql_nodes,
+    ]);
+    scrub_env(&mut command);
+    run_command(&mut command, log, Duration::from_secs(180), "chatoy migrate").await
+}
+
+/// Removes every inherited `CHATOY_*` variable but the log level, so only explicit flags count.
+pub(crate) fn scrub_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("CHATOY_") && key != "CHATOY_LOG" {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// A running mini-cluster. Gateway and router numbers are 1-based, in start order; gateway `n`
+/// is also `/ws?gateway=n` on the HAProxy.
+pub(crate) struct Cluster {
+    services: Services,
+    keyspace: String,
+    prefix: String,
+    gateway_flags: Vec<String>,
+    routers: Vec<Process>,
+    gateways: Vec<Process>,
+    /// The HAProxy's port (fixed for the cluster's life).
+    lb_port: u16,
+    /// Which gateway the next alternating WebSocket goes to.
+    next_socket: AtomicUsize,
+    /// Logs of every process and the HAProxy's run directory; kept if the test fails.
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// Migrates a fresh keyspace, then starts the routers, the gateways and the HAProxy, and
+    /// returns once every gateway answers through it.
+    pub(crate) async fn start(spec: Spec) -> Cluster {
+        let services = Services::from_env();
+        let keyspace = format!("e2e_{}", random_hex(12));
+        let log = std::env::temp_dir().join(format!("chatoy-migrate-{keyspace}.log"));
+        let (status, output) = migrate(&services, &keyspace, &log).await;
+        let _ = std::fs::remove_file(&log);
+        if !status.success() {
+            let _ = drop_keyspace(&services.cql_nodes, &keyspace);
+        }
+        assert!(
+            status.success(),
+            "chatoy migrate {keyspace} failed ({status}):\n{output}"
+        );
+        Cluster::start_on(&keyspace, spec).await
+    }
+
+    /// Starts the processes of `spec` on an already migrated keyspace, with a fresh NATS
+    /// prefix. The keyspace is dropped with the cluster.
+    pub(crate) async fn start_on(keyspace: &str, spec: Spec) -> Cluster {
+        let mut cluster = Cluster {
+            services: Services::from_env(),
+            keyspace: keyspace.to_owned(),
+            prefix: format!("e2e{}", random_hex(12)),
+            gateway_flags: spec.gateway_flags,
+            routers: Vec::new(),
+            gateways: Vec::new(),
+            lb_port: 0,
+            next_socket: AtomicUsize::new(0),
+            dir: TempDir::new(),
+        };
+        for _ in 0..spec.routers {
+            let router = cluster.router_process();
+            cluster.routers.push(router);
+        }
+        for _ in 0..spec.gateways {
+            let gateway = cluster.gateway_process();
+            cluster.gateways.push(gateway);
+        }
+        let starts = cluster
+            .routers
+            .iter_mut()
+            .map(|p| (p, ROUTER_READY))
+            .chain(cluster.gateways.iter_mut().map(|p| (p, GATEWAY_READY)))
+            .map(|(process, ready)| process.start(ready, START_LIMIT));
+        futures_util::future::join_all(starts).await;
+        for n in 1..=cluster.routers.len() {
+            cluster.wait_router_ready(n).await;
+        }
+        cluster.balance().await;
+        cluster
+    }
+
+    fn common_args(&self, role: &str, name: &str) -> Vec<String> {
+        [
+            role,
+            "--keyspace",
+            &self.keyspace,
+            "--nats-prefix",
+            &self.prefix,
+            "--nats-url",
+            &self.services.nats_url,
+            "--cql-nodes",
+            &self.services.cql_nodes,
+            "--partitions",
+            "16",
+            "--failover-timeout",
+            &format!("{}s", FAILOVER_TIMEOUT.as_secs()),
+            "--node-id",
+            name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn router_process(&self) -> Process {
+        let name = format!("router-{}", self.routers.len() + 1);
+        let mut args = self.common_args("router", &name);
+        args.extend(["--drain-timeout", "10s"].map(String::from));
+        Process::new(&name, args, self.dir.path().join(format!("{name}.log")))
+    }
+
+    fn gateway_process(&self) -> Process {
+        let name = format!("gateway-{}", self.gateways.len() + 1);
+        let mut args = self.common_args("gateway", &name);
+        args.extend(crate::harness::FAST_ARGON2.map(String::from));
+        args.extend(self.gateway_flags.iter().cloned());
+        Process::new(&name, args, self.dir.path().join(format!("{name}.log")))
+    }
+
+    /// Points the HAProxy at every gateway (in number order, running or not) and waits until
+    /// each running one answers `/readyz` through it, pinned and balanced.
+    async fn balance(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/haproxy");
+        let mut command = Command::new(script);
+        command.arg("start");
+        command.args(self.gateways.iter().map(|g| format!("127.0.0.1:{}", g.port())));
+        scrub_env(&mut command);
+        command.env("CHATOY_RUN_DIR", self.lb_run_dir());
+        let (status, output) = run_command(
+            &mut command,
+            &self.dir.path().join("haproxy-start.log"),
+            Duration::from_secs(30),
+            "deploy/local/haproxy start",
+        )
+        .await;
+        assert!(
+            status.success(),
+            "deploy/local/haproxy start failed ({status}):\n{output}"
+        );
+        let port = output
+            .lines()
+            .filter_map(|line| line.strip_prefix("CHATOY_URL=http://127.0.0.1:"))
+            .next_back()
+            .and_then(|port| port.trim().parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("deploy/local/haproxy printed no CHATOY_URL:\n{output}"));
+        assert!(
+            self.lb_port == 0 || self.lb_port == port,
+            "the HAProxy moved from port {} to {port}",
+            self.lb_port
+        );
+        self.lb_port = port;
+        for n in 1..=self.gateways.len() {
+            if self.gateways[n - 1].is_running() {
+                self.wait_routable(n).await;
+            }
+        }
+        let base = self.base_url();
+        wait_ok(&format!("{base}/readyz"), "the balanced gateways").await;
+    }
+
+    fn lb_run_dir(&self) -> PathBuf {
+        self.dir.path().join("haproxy-run")
+    }
+
+    /// Waits until `/readyz?gateway=n` answers 200 through the HAProxy.
+    async fn wait_routable(&self, n: usize) {
+        let url = format!("{}/readyz?gateway={n}", self.base_url());
+        wait_ok(&url, &format!("gateway {n} through the HAProxy")).await;
+    }
+
+    /// Waits until every started gateway answers `/readyz` through the HAProxy again, pinned and
+    /// balanced (after an outage of what they depend on).
+    pub(crate) async fn wait_serving(&self) {
+        for n in 1..=self.gateways.len() {
+            if self.gateways[n - 1].is_started() {
+                self.wait_routable(n).await;
+            }
+        }
+        wait_ok(&format!("{}/readyz", self.base_url()), "the balanced gateways").await;
+    }
+
+    async fn wait_router_ready(&self, n: usize) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.routers[n - 1].port());
+        wait_ok(&url, &format!("router {n}")).await;
+    }
+
+    /// The HAProxy: `http://127.0.0.1:PORT`.
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.lb_port)
+    }
+
+    /// The HAProxy's address, `127.0.0.1:PORT`.
+    pub(crate) fn lb_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.lb_port)
+    }
+
+    /// The path of a WebSocket pinned to gateway `n`.
+    pub(crate) fn ws_path(&self, n: usize) -> String {
+        assert!((1..=self.gateways.len()).contains(&n), "no gateway {n}");
+        format!("/ws?gateway={n}")
+    }
+
+    /// The path of the next WebSocket: gateways take turns, so every room's sockets are spread
+    /// over all of them.
+    pub(crate) fn next_ws_path(&self) -> String {
+        let turn = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        self.ws_path(turn % self.gateways.len() + 1)
+    }
+
+    /// `ws://` through the HAProxy, pinned to gateway `n`.
+    pub(crate) fn ws_url(&self, n: usize) -> String {
+        format!("ws://{}{}", self.lb_addr(), self.ws_path(n))
+    }
+
+    /// Gateway `n` itself, bypassing the HAProxy.
+    pub(crate) fn gateway_url(&self, n: usize) -> String {
+        format!("http://127.0.0.1:{}", self.gateways[n - 1].port())
+    }
+
+    /// How many gateways the cluster has (running or not).
+    pub(crate) fn gateway_count(&self) -> usize {
+        self.gateways.len()
+    }
+
+    /// An HTTP client through the HAProxy; metrics are summed over every running gateway.
+    pub(crate) fn api(&self) -> Api {
+        let metrics = (1..=self.gateways.len())
+            .filter(|n| self.gateways[n - 1].is_started())
+            .map(|n| self.gateway_url(n))
+            .collect();
+        Api::new(self.base_url(), metrics)
+    }
+
+    /// Whether every router and gateway still runs.
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.routers
+            .iter_mut()
+            .chain(self.gateways.iter_mut())
+            .all(Process::is_running)
+    }
+
+    /// Everything every process wrote to stderr, each under a header.
+    pub(crate) fn stderr(&self) -> String {
+        self.routers
+            .iter()
+            .chain(&self.gateways)
+            .map(|p| format!("==== {} ====\n{}", p.name(), p.stderr()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGTERMs every running gateway at once and then every router, waiting (at most `limit`
+    /// each) for them to exit; returns every exit status, gateways first.
+    pub(crate) async fn terminate_all(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+        let mut statuses = self.terminate_gateways(limit).await;
+        statuses.extend(self.terminate_routers(limit).await);
+        statuses
+    }
+
+    /// SIGTERMs every running gateway at once and waits for them.
+    pub(crate) async fn terminate_gateways(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+        terminate_each(&mut self.gateways, limit).await
+    }
+
+    /// SIGTERMs every running router at once and waits for them.
+    pub(crate) async fn terminate_routers(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+        terminate_each(&mut self.routers, limit).await
+    }
+
+    /// SIGKILLs router `n`.
+    pub(crate) async fn kill_router(&mut self, n: usize) {
+        self.routers[n - 1].kill().await;
+    }
+
+    /// Starts every stopped router and gateway again (gateways on their old ports when free)
+    /// and waits until all serve.
+    pub(crate) async fn restart_stopped(&mut self) {
+        let mut moved = false;
+        for n in 1..=self.routers.len() {
+            if !self.routers[n - 1].is_running() {
+                self.routers[n - 1].start(ROUTER_READY, START_LIMIT).await;
+                self.wait_router_ready(n).await;
+            }
+        }
+        for gateway in &mut self.gateways {
+            if !gateway.is_running() {
+                let before = gateway.port();
+                gateway.start(GATEWAY_READY, START_LIMIT).await;
+                moved |= gateway.port() != before;
+            }
+        }
+        if moved {
+            self.balance().await;
+        } else {
+            for n in 1..=self.gateways.len() {
+                self.wait_routable(n).await;
+            }
+            wait_ok(&format!("{}/readyz", self.base_url()), "the balanced gateways").await;
+        }
+    }
+
+    /// Starts one more router; returns its number.
+    pub(crate) async fn add_router(&mut self) -> usize {
+        let mut router = self.router_process();
+        router.start(ROUTER_READY, START_LIMIT).await;
+        self.routers.push(router);
+        let n = self.routers.len();
+        self.wait_router_ready(n).await;
+        n
+    }
+
+    /// Starts one more gateway with the cluster's gateway flags, adds it to the HAProxy (a soft
+    /// reload: open sockets stay) and waits until it answers through it; returns its number.
+    pub(crate) async fn add_gateway(&mut self) -> usize {
+        let mut gateway = self.gateway_process();
+        gateway.start(GATEWAY_READY, START_LIMIT).await;
+        self.gateways.push(gateway);
+        self.balance().await;
+        self.gateways.len()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for process in self.gateways.iter_mut().chain(self.routers.iter_mut()) {
+            process.kill_now();
+        }
+        if self.lb_port != 0 {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/haproxy");
+            let mut command = Command::new(script);
+            command.arg("stop");
+            scrub_env(&mut command);
+            command.env("CHATOY_RUN_DIR", self.lb_run_dir());
+            let stopped = command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if !matches!(stopped, Ok(status) if status.success()) {
+                eprintln!(
+                    "could not stop the HAProxy of {}: {stopped:?}",
+                    self.lb_run_dir().display()
+                );
+            }
+        }
+        // The shared services outlive the test: give back what it took there. A keyspace costs
+        // the single Cassandra node heap for as long as it exists (a few dozen exhaust 1 GB).
+        if let Err(err) = drop_keyspace(&self.services.cql_nodes, &self.keyspace) {
+            eprintln!("could not drop keyspace {}: {err}", self.keyspace);
+        }
+        if let Err(err) = delete_streams(&self.services.nats_url, &format!("{}.msg.>", self.prefix)) {
+            eprintln!("could not delete the NATS streams of {}: {err}", self.prefix);
+        }
+    }
+}
+
+/// `DROP KEYSPACE IF EXISTS` through a minimal CQL v4 exchange (STARTUP, QUERY), blocking.
+pub(crate) fn drop_keyspace(cql_nodes: &str, keyspace: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+
+    fn frame(stream: i16, opcode: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x04, 0x00];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.push(opcode);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+    fn short_string(out: &mut Vec<u8>, text: &str) {
+        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    fn answer(conn: &mut std::net::TcpStream) -> Result<(u8, Vec<u8>), String> {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).map_err(|err| err.to_string())?;
+        let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body).map_err(|err| err.to_string())?;
+        Ok((head[4], body))
+    }
+    fn error_text(body: &[u8]) -> String {
+        String::from_utf8_lossy(body.get(6..).unwrap_or_default()).into_owned()
+    }
+
+    let node = cql_nodes.split(',').next().unwrap_or_default().trim();
+    let addr: std::net::SocketAddr = node.parse().map_err(|err| format!("{node}: {err}"))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|err| format!("connect {node}: {err}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|err| err.to_string())?;
+    let mut startup = 1u16.to_be_bytes().to_vec();
+    short_string(&mut startup, "CQL_VERSION");
+    short_string(&mut startup, "3.0.0");
+    conn.write_all(&frame(0, 0x01, &startup))
+        .map_err(|err| err.to_string())?;
+    match answer(&mut conn)? {
+        (0x02, _) => {}
+        (opcode, body) => return Err(format!("STARTUP answered {opcode:#x}: {}", error_text(&body))),
+    }
+    let query = format!("DROP KEYSPACE IF EXISTS {keyspace}");
+    let mut body = (query.len() as u32).to_be_bytes().to_vec();
+    body.extend_from_slice(query.as_bytes());
+    // Consistency ONE, no flags.
+    body.extend_from_slice(&[0x00, 0x01, 0x00]);
+    conn.write_all(&frame(1, 0x07, &body))
+        .map_err(|err| err.to_string())?;
+    match answer(&mut conn)? {
+        (0x08, _) => Ok(()),
+        (opcode, body) => Err(format!("{query} answered {opcode:#x}: {}", error_text(&body))),
+    }
+}
+
+/// Deletes every JetStream stream that captures `subject`, through a minimal NATS exchange
+/// (`$JS.API.STREAM.NAMES`, then `$JS.API.STREAM.DELETE.<name>`), blocking.
+pub(crate) fn delete_streams(nats_url: &str, subject: &str) -> Result<(), String> {
+    use std::io::{BufRead, Read, Write};
+
+    let host = nats_url
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("nats://");
+    let addr: std::net::SocketAddr = host.parse().map_err(|err| format!("{host}: {err}"))?;
+    let conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|err| format!("connect {host}: {err}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|err| err.to_string())?;
+    let mut writer = conn.try_clone().map_err(|err| err.to_string())?;
+    let mut reader = std::io::BufReader::new(conn);
+    let inbox = format!("_INBOX.e2e{}", random_hex(16));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).map_err(|err| err.to_string())?;
+    if !greeting.starts_with("INFO") {
+        return Err(format!("unexpected greeting {greeting:?}"));
+    }
+    let connect = format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {inbox} 1\r\n");
+    writer
+        .write_all(connect.as_bytes())
+        .map_err(|err| err.to_string())?;
+    let mut request = |subject: &str, payload: &str| -> Result<serde_json::Value, String> {
+        let publish = format!("PUB {subject} {inbox} {}\r\n{payload}\r\n", payload.len());
+        writer
+            .write_all(publish.as_bytes())
+            .map_err(|err| err.to_string())?;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|err| err.to_string())? == 0 {
+                return Err("NATS closed the connection".into());
+            }
+            if line.starts_with("PING") {
+                writer.write_all(b"PONG\r\n").map_err(|err| err.to_string())?;
+            } else if line.starts_with("-ERR") {
+                return Err(line.trim().to_owned());
+            } else if line.starts_with("MSG ") {
+                let len: usize = line
+                    .split_whitespace()
+                    .last()
+                    .and_then(|len| len.parse().ok())
+                    .ok_or_else(|| format!("bad MSG line {line:?}"))?;
+                let mut payload = vec![0; len + 2];
+                reader.read_exact(&mut payload).map_err(|err| err.to_string())?;
+                return serde_json::from_slice(&payload[..len]).map_err(|err| err.to_string());
+            }
+        }
+    };
+    let names = request(
+        "$JS.API.STREAM.NAMES",
+        &serde_json::json!({ "subject": subject }).to_string(),
+    )?;
+    let streams: Vec<String> = names["streams"]
+        .as_array()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    for stream in streams {
+        let answer = request(&format!("$JS.API.STREAM.DELETE.{stream}"), "")?;
+        if answer["success"] != serde_json::json!(true) {
+            return Err(format!("deleting {stream}: {answer}"));
+        }
+    }
+    Ok(())
+}
+
+async fn terminate_each(processes: &mut [Process], limit: Duration) -> Vec<(String, ExitStatus)> {
+    let running: Vec<&mut Process> = processes.iter_mut().filter(|p| p.is_started()).collect();
+    let names: Vec<String> = running.iter().map(|p| p.name().to_owned()).collect();
+    let statuses = futures_util::future::join_all(running.into_iter().map(|p| p.terminate(limit))).await;
+    names.into_iter().zip(statuses).collect()
+}
+
+/// Polls `url` until it answers 200 (at most 30 s).
+pub(crate) async fn wait_ok(url: &str, what: &str) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("build reqwest client");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match http.get(url).send().await {
+            Ok(response) if response.status().as_u16() == 200 => return,
+            Ok(response) => format!("status {}", response.status()),
+            Err(err) => err.to_string(),
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not become ready at {url} within 30 s (last answer: {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
