@@ -297,54 +297,47 @@ impl CqlStore {
 
     /// Up to `limit` messages with `sent < before`, newest first.
     pub(super) async fn history_of(&self, room: u64, before: i64, limit: usize) -> CqlResult<Vec<Message>> {
-        let mut messages = Vec::new();
-        if limit == 0 {
-            return Ok(messages);
-        }
-        let mut buckets = BucketWalk::at_most(self, room, self.bucket(before));
-        while messages.len() < limit {
-            let Some(bucket) = buckets.next().await? else {
-                break;
-            };
-            let want = cql_limit(limit - messages.len());
-            let rows: Vec<MessageRow> = read_all(
-                &self.session,
-                &self.statements.messages_before,
-                (room as i64, bucket, before, want),
-            )
-            .await?;
-            for row in rows {
-                messages.push(message_from_row(room, row)?);
-            }
-        }
-        messages.truncate(limit);
-        Ok(messages)
+        let buckets = BucketWalk::at_most(self, room, self.bucket(before));
+        self.newest_first(room, buckets, &self.statements.messages_before, before, limit)
+            .await
     }
 
     /// The newest `limit` messages with `sent > after`, oldest first.
     pub(super) async fn since_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<Vec<Message>> {
+        let buckets = BucketWalk::at_least(self, room, self.bucket(after));
+        let mut messages = self
+            .newest_first(room, buckets, &self.statements.messages_after, after, limit)
+            .await?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Up to `limit` messages newest first, reading `statement` (bound to room, bucket, `bound`
+    /// and a row limit) bucket by bucket along `buckets`.
+    async fn newest_first(
+        &self,
+        room: u64,
+        mut buckets: BucketWalk<'_>,
+        statement: &PreparedStatement,
+        bound: i64,
+        limit: usize,
+    ) -> CqlResult<Vec<Message>> {
         let mut messages = Vec::new();
         if limit == 0 {
             return Ok(messages);
         }
-        let mut buckets = BucketWalk::at_least(self, room, self.bucket(after));
         while messages.len() < limit {
             let Some(bucket) = buckets.next().await? else {
                 break;
             };
             let want = cql_limit(limit - messages.len());
-            let rows: Vec<MessageRow> = read_all(
-                &self.session,
-                &self.statements.messages_after,
-                (room as i64, bucket, after, want),
-            )
-            .await?;
+            let rows: Vec<MessageRow> =
+                read_all(&self.session, statement, (room as i64, bucket, bound, want)).await?;
             for row in rows {
                 messages.push(message_from_row(room, row)?);
             }
         }
         messages.truncate(limit);
-        messages.reverse();
         Ok(messages)
     }
 
