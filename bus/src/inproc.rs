@@ -220,6 +220,7 @@ mod tests {
         RoomEvent {
             room,
             sent: Timestamp(n),
+            prev: Some(Timestamp(n - 1)),
             origin: Origin { gateway: 1, conn: 1 },
             frame: Bytes::from_static(b"{}"),
         }

@@ -52,20 +52,28 @@ pub struct RoomEvent {
     pub room: u64,
     /// The message's `sent`, for de-duplication at the `since` seam.
     pub sent: Timestamp,
+    /// The `sent` of the message the sequencer published before this one in the room (0 before
+    /// the room's first), or `None` when it cannot say (a duplicate published again). A
+    /// subscriber whose last event does not match has missed something — a router that died
+    /// between storing and publishing — and fills the hole from the store.
+    pub prev: Option<Timestamp>,
     /// The sending connection, which does not receive its own message.
     pub origin: Origin,
     /// The complete `recv` frame as JSON, serialised once by the router.
     pub frame: Bytes,
 }
 
-const ROOM_EVENT_HEADER: usize = 32;
+const ROOM_EVENT_HEADER: usize = 40;
+/// `prev` on the wire when it is `None`.
+const NO_PREV: i64 = i64::MIN;
 
 impl RoomEvent {
-    /// Encodes as a 32-byte little-endian header (room, sent, gateway, conn) then the frame.
+    /// Encodes as a 40-byte little-endian header (room, sent, prev, gateway, conn) then the frame.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(ROOM_EVENT_HEADER + self.frame.len());
         out.put_u64_le(self.room);
         out.put_i64_le(self.sent.0);
+        out.put_i64_le(self.prev.map_or(NO_PREV, |prev| prev.0));
         out.put_u64_le(self.origin.gateway);
         out.put_u64_le(self.origin.conn);
         out.put_slice(&self.frame);
@@ -79,11 +87,15 @@ impl RoomEvent {
         }
         let room = bytes.get_u64_le();
         let sent = Timestamp(bytes.get_i64_le());
+        let prev = Some(bytes.get_i64_le())
+            .filter(|prev| *prev != NO_PREV)
+            .map(Timestamp);
         let gateway = bytes.get_u64_le();
         let conn = bytes.get_u64_le();
         Some(RoomEvent {
             room,
             sent,
+            prev,
             origin: Origin { gateway, conn },
             frame: bytes,
         })
@@ -115,10 +127,13 @@ mod tests {
         let event = RoomEvent {
             room: 7,
             sent: Timestamp(-5),
+            prev: Some(Timestamp(-9)),
             origin: Origin { gateway: 1, conn: 2 },
             frame: Bytes::from_static(b"{\"type\":\"recv\"}"),
         };
-        assert_eq!(RoomEvent::decode(event.encode()), Some(event));
+        assert_eq!(RoomEvent::decode(event.encode()), Some(event.clone()));
+        let unknown = RoomEvent { prev: None, ..event };
+        assert_eq!(RoomEvent::decode(unknown.encode()), Some(unknown));
         assert_eq!(RoomEvent::decode(Bytes::from_static(b"short")), None);
     }
 

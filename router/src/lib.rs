@@ -3,7 +3,9 @@
 //! Each bus partition is consumed by one worker, in order, so exactly one sequencer owns each
 //! room. A worker takes whatever is pending (up to a batch), checks membership, assigns `sent`
 //! (strictly increasing per room), stores the batch with one store call, and only then answers
-//! each gateway and publishes each new message to its room, serialised once.
+//! each gateway and publishes each new message to its room, serialised once. Each published
+//! event names the `sent` of the one published before it in the room, so a gateway notices a
+//! message stored by a router that died before publishing it and reads it from the store.
 
 use std::collections::{HashMap, HashSet};
 
@@ -55,7 +57,7 @@ pub async fn start(
             store: store.clone(),
             max_batch: config.max_batch.max(1),
             ownership_timeout: config.ownership_timeout,
-            last_sent: HashMap::new(),
+            rooms: HashMap::new(),
             members: HashSet::new(),
         };
         tracker.spawn(worker.run(source, shutdown.clone()));
@@ -70,10 +72,19 @@ struct Worker {
     store: DynStore,
     max_batch: usize,
     ownership_timeout: Option<std::time::Duration>,
-    /// The last `sent` assigned per room; absent until first read from the store.
-    last_sent: HashMap<u64, Timestamp>,
+    /// Per room: the sequence as this worker knows it; absent until read from the store.
+    rooms: HashMap<u64, RoomSeq>,
     /// Known (room, user) memberships. Membership is never revoked, so positives stay true.
     members: HashSet<(u64, u64)>,
+}
+
+/// One room's sequence.
+#[derive(Debug, Clone, Copy)]
+struct RoomSeq {
+    /// The last `sent` assigned (possibly to a message that turned out to be a duplicate).
+    assigned: Timestamp,
+    /// The `sent` of the last message stored: the next event's `prev`.
+    stored: Timestamp,
 }
 
 /// A message of the batch that passed the checks and got its `sent`.
@@ -96,7 +107,7 @@ impl Worker {
                 .is_some_and(|timeout| last_batch.elapsed() >= timeout / 2)
             {
                 // Another router may have sequenced these rooms meanwhile.
-                self.last_sent.clear();
+                self.rooms.clear();
             }
             last_batch = std::time::Instant::now();
             if !batch.is_empty() {
@@ -120,15 +131,15 @@ impl Worker {
                 }
             }
             let room = work.request.room;
-            let last = match self.last_sent(room).await {
-                Ok(last) => last,
+            let seq = match self.sequence(room).await {
+                Ok(seq) => seq,
                 Err(()) => {
                     work.respond(refusal(SendCode::Unavailable, now)).await;
                     continue;
                 }
             };
-            let sent = Timestamp(now.0.max(last.0.saturating_add(1)));
-            self.last_sent.insert(room, sent);
+            let sent = Timestamp(now.0.max(seq.assigned.0.saturating_add(1)));
+            seq.assigned = sent;
             accepted.push(Sequenced { work, sent });
         }
         if accepted.is_empty() {
@@ -149,6 +160,8 @@ impl Worker {
             Err(err) => {
                 tracing::warn!(cause = %err, messages = accepted.len(), "store write failed");
                 for s in accepted {
+                    // Part of the batch may be stored: read these rooms' sequences again.
+                    self.rooms.remove(&s.work.request.room);
                     s.work.respond(refusal(SendCode::Unavailable, now)).await;
                 }
                 return;
@@ -180,24 +193,35 @@ impl Worker {
         }
     }
 
-    /// The last `sent` of the room: from memory, or from the store when this worker first sees it.
-    async fn last_sent(&mut self, room: u64) -> Result<Timestamp, ()> {
-        if let Some(last) = self.last_sent.get(&room) {
-            return Ok(*last);
+    /// The room's sequence: from memory, or from the store's last `sent` when this worker
+    /// first sees the room (or may have lost it to another router meanwhile).
+    async fn sequence(&mut self, room: u64) -> Result<&mut RoomSeq, ()> {
+        if !self.rooms.contains_key(&room) {
+            let last = match self.store.last_sent(room).await {
+                Ok(last) => last.unwrap_or_default(),
+                Err(err) => {
+                    tracing::warn!(cause = %err, room, "cannot read the room's last sent");
+                    return Err(());
+                }
+            };
+            let seq = RoomSeq {
+                assigned: last,
+                stored: last,
+            };
+            self.rooms.insert(room, seq);
         }
-        match self.store.last_sent(room).await {
-            Ok(last) => Ok(last.unwrap_or_default()),
-            Err(err) => {
-                tracing::warn!(cause = %err, room, "cannot read the room's last sent");
-                Err(())
-            }
-        }
+        Ok(self.rooms.get_mut(&room).expect("inserted above"))
     }
 
     async fn finish(&mut self, s: Sequenced, outcome: InsertOutcome) {
         let request = &s.work.request;
         match outcome {
             InsertOutcome::Inserted => {
+                let prev = self.rooms.get_mut(&request.room).map(|seq| {
+                    let prev = seq.stored;
+                    seq.stored = s.sent;
+                    prev
+                });
                 let message = Message {
                     uuid: request.uuid.hyphenated().to_string(),
                     sender: request.sender,
@@ -209,6 +233,7 @@ impl Worker {
                 let event = RoomEvent {
                     room: request.room,
                     sent: s.sent,
+                    prev,
                     origin: request.origin,
                     frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
                 };
@@ -226,20 +251,36 @@ impl Worker {
             }
             InsertOutcome::Duplicate(existing) => {
                 let same = existing.sender == request.sender && existing.data == request.content;
-                let reply = if same {
-                    MsgReply {
-                        code: SendCode::Ok,
-                        msg: String::new(),
-                        sent: existing.sent,
-                    }
-                } else {
-                    MsgReply {
+                let origin = request.origin;
+                if !same {
+                    let reply = MsgReply {
                         code: SendCode::Invalid,
                         msg: "uuid already used for a different message".into(),
                         sent: Timestamp::now(),
-                    }
+                    };
+                    s.work.respond(reply).await;
+                    return;
+                }
+                s.work
+                    .respond(MsgReply {
+                        code: SendCode::Ok,
+                        msg: String::new(),
+                        sent: existing.sent,
+                    })
+                    .await;
+                // A retry: the first attempt may have been stored by a router that died before
+                // publishing it. Published again without a `prev`, it makes gateways that have
+                // delivered anything older check the store; the rest drop it.
+                let event = RoomEvent {
+                    room: existing.room,
+                    sent: existing.sent,
+                    prev: None,
+                    origin,
+                    frame: Bytes::from(ServerFrame::Recv { data: existing }.to_json()),
                 };
-                s.work.respond(reply).await;
+                if let Err(err) = self.bus.publish_room(event).await {
+                    tracing::warn!(cause = %err, "publishing a retried message failed");
+                }
             }
         }
     }

@@ -17,6 +17,7 @@ mod failover;
 mod latency;
 mod load;
 mod ordering;
+mod orphan;
 mod scale_out;
 mod schema;
 mod zz_cql_node_down;

@@ -280,6 +280,11 @@ impl Cluster {
         wait_ok(&url, &format!("router {n}")).await;
     }
 
+    /// The cluster's keyspace and the CQL nodes it lives on.
+    pub(crate) fn keyspace(&self) -> (&str, &str) {
+        (&self.keyspace, &self.services.cql_nodes)
+    }
+
     /// The HAProxy: `http://127.0.0.1:PORT`.
     pub(crate) fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.lb_port)

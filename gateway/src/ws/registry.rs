@@ -185,46 +185,91 @@ impl Registry {
         let _ = ready.send(true);
         while let Some(delivery) = subscription.next().await {
             match delivery {
-                // One sequencer per room publishes in `sent` order: anything not newer than the
-                // last fanned-out event was already delivered (by gap recovery).
-                Delivery::Event(event) if last.is_some_and(|last| event.sent <= last) => {}
-                Delivery::Event(event) => {
-                    last = Some(event.sent);
-                    self.fan_out(&members, event);
-                }
+                Delivery::Event(event) => last = Some(self.on_event(room, &members, last, event).await),
                 Delivery::Gap => {
                     self.metrics.bus_gaps.inc();
-                    last = Some(self.recover(room, &members, last.unwrap_or(subscribed)).await);
+                    last = Some(
+                        self.recover(room, &members, last.unwrap_or(subscribed), None)
+                            .await,
+                    );
                 }
             }
         }
     }
 
-    /// After the bus may have lost events (reconnect, lagging subscriber), replays the room's
-    /// stored messages newer than the last one fanned out. If that cannot be done completely,
-    /// the room's sockets are closed so their clients resume with `since`.
-    async fn recover(&self, room: u64, members: &Members, last: Timestamp) -> Timestamp {
+    /// Fans out one event of the room whose last fanned-out `sent` is `last`; returns the new
+    /// last. One sequencer per room publishes in `sent` order, naming the previous message:
+    /// anything not newer than `last` was already delivered (by gap recovery), and an event
+    /// that does not follow `last` reveals a hole, filled from the store first.
+    async fn on_event(
+        &self,
+        room: u64,
+        members: &Members,
+        last: Option<Timestamp>,
+        event: RoomEvent,
+    ) -> Timestamp {
+        match (last, event.prev) {
+            (Some(last), _) if event.sent <= last => last,
+            // A message published again (a retried uuid) that this feed cannot place: everything
+            // this feed's sockets have was delivered after it subscribed, or through `since`.
+            (None, None) => event.sent,
+            (Some(last), prev) if prev != Some(last) => {
+                self.metrics.bus_gaps.inc();
+                self.recover(room, members, last, Some(event)).await
+            }
+            _ => {
+                let sent = event.sent;
+                self.fan_out(members, event);
+                sent
+            }
+        }
+    }
+
+    /// After the bus may have lost events (reconnect, lagging subscriber, a router that died
+    /// between storing and publishing), replays the room's stored messages newer than the last
+    /// one fanned out, then `event` (the one that revealed the hole) if the store did not have
+    /// it yet. If that cannot be done completely, the room's sockets are closed so their
+    /// clients resume with `since`.
+    async fn recover(
+        &self,
+        room: u64,
+        members: &Members,
+        last: Timestamp,
+        event: Option<RoomEvent>,
+    ) -> Timestamp {
         match self.store.since(room, last, self.recovery_limit).await {
             Ok(missed) if missed.len() < self.recovery_limit => {
                 tracing::info!(
                     room,
                     replayed = missed.len(),
-                    "recovered a bus gap from the store"
+                    "recovered missed messages from the store"
                 );
                 let mut newest = last;
                 for message in missed {
                     newest = message.sent;
+                    // The sending socket is known only for the event in hand; others get their
+                    // own message back, which clients de-duplicate by uuid.
+                    let origin = match &event {
+                        Some(event) if event.sent == message.sent => event.origin,
+                        _ => Origin { gateway: 0, conn: 0 },
+                    };
                     self.fan_out(
                         members,
                         RoomEvent {
                             room,
                             sent: message.sent,
-                            // Unknown sending socket: it gets its own message, which clients
-                            // de-duplicate by uuid.
-                            origin: Origin { gateway: 0, conn: 0 },
+                            prev: None,
+                            origin,
                             frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
                         },
                     );
+                }
+                match event {
+                    Some(event) if event.sent > newest && event.prev.is_some() => {
+                        newest = event.sent;
+                        self.fan_out(members, event);
+                    }
+                    _ => {}
                 }
                 newest
             }
