@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chatoy_bus::NatsConfig;
-use chatoy_gateway::GatewayConfig;
+use chatoy_gateway::{AllowedOrigins, GatewayConfig};
 use chatoy_router::RouterConfig;
 use chatoy_store::{CqlConfig, CqlConsistency};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -162,6 +162,9 @@ pub(crate) struct RouterArgs {
     /// Log format on stderr.
     #[arg(long, env = "CHATOY_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,
+    /// Log level or filter, e.g. `info`, `debug`, `chatoy_router=debug,info`.
+    #[arg(long = "log", env = "CHATOY_LOG", default_value = "info", value_name = "FILTER", value_parser = log_filter)]
+    pub(crate) log: String,
     #[command(flatten)]
     pub(crate) nats: NatsArgs,
     #[command(flatten)]
@@ -183,6 +186,9 @@ pub(crate) struct MigrateArgs {
     /// Log format on stderr.
     #[arg(long, env = "CHATOY_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,
+    /// Log level or filter, e.g. `info`, `debug`.
+    #[arg(long = "log", env = "CHATOY_LOG", default_value = "info", value_name = "FILTER", value_parser = log_filter)]
+    pub(crate) log: String,
     #[command(flatten)]
     pub(crate) cql: CqlArgs,
     /// Replicas per datacenter of the keyspace when it is created (3 in production, 1 on a laptop).
@@ -218,6 +224,35 @@ fn positive_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+fn rate_or_off(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        _ => Err("must be a number, zero or greater (0 turns the limit off)".into()),
+    }
+}
+
+fn burst(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 1.0 => Ok(value),
+        _ => Err("must be a number, 1 or greater".into()),
+    }
+}
+
+fn log_filter(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_owned())
+        .map_err(|err| format!("{err} (examples: info, debug, chatoy_gateway=debug,info)"))
+}
+
+fn header_name(text: &str) -> Result<String, String> {
+    let name = text.trim().to_ascii_lowercase();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(format!("{text:?} is not an HTTP header name"));
+    }
+    Ok(name)
+}
+
 /// Flags of every process that serves clients.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct GatewayArgs {
@@ -229,9 +264,13 @@ pub(crate) struct GatewayArgs {
         value_name = "ADDR"
     )]
     pub(crate) listen: SocketAddr,
-    /// Log format on stderr (the level comes from CHATOY_LOG, e.g. `info`, `chatoy_gateway=debug`).
+    /// Log format on stderr.
     #[arg(long, env = "CHATOY_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,
+    /// Log level or filter, e.g. `info`, `debug`, `chatoy_gateway=debug,info`. Tokens and
+    /// passwords are not logged at any level.
+    #[arg(long = "log", env = "CHATOY_LOG", default_value = "info", value_name = "FILTER", value_parser = log_filter)]
+    pub(crate) log: String,
     /// How long a login token stays valid.
     #[arg(long, env = "CHATOY_TOKEN_TTL", default_value = "48h", value_parser = positive_duration)]
     pub(crate) token_ttl: Duration,
@@ -277,9 +316,49 @@ pub(crate) struct GatewayArgs {
     /// Largest HTTP request body in bytes (413 above).
     #[arg(long, env = "CHATOY_MAX_BODY_SIZE", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..))]
     pub(crate) max_body_size: u32,
-    /// Time allowed for an HTTP request's headers, and separately for its body.
+    /// Time allowed for an HTTP request's headers (else the connection is closed), and
+    /// separately for its body (else 408). Also how long an idle keep-alive connection stays.
     #[arg(long, env = "CHATOY_HTTP_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub(crate) http_timeout: Duration,
+    /// Largest HTTP request head (request line and headers) in bytes (431 above).
+    #[arg(long, env = "CHATOY_MAX_HEADER_SIZE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(8192..=1_048_576))]
+    pub(crate) max_header_size: u32,
+    /// New connections per second per process, counted at a connection's first request that is
+    /// not a probe (/healthz, /readyz, /metrics); above it the request answers 503.
+    #[arg(long, env = "CHATOY_CONN_RATE", default_value = "1000", value_parser = positive_rate)]
+    pub(crate) conn_rate: f64,
+    /// Burst of new connections per process allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_CONN_BURST", default_value = "2000", value_parser = burst)]
+    pub(crate) conn_burst: f64,
+    /// New connections per second per client address (IPv6: per /64); above it the request
+    /// answers 429. 0 turns it off (behind a proxy without --client-ip-header every client
+    /// has the proxy's address).
+    #[arg(long, env = "CHATOY_CONN_RATE_PER_IP", default_value = "100", value_parser = rate_or_off)]
+    pub(crate) conn_rate_per_ip: f64,
+    /// Burst of new connections per client address allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_CONN_BURST_PER_IP", default_value = "1000", value_parser = burst)]
+    pub(crate) conn_burst_per_ip: f64,
+    /// Failed logins of one username before its logins answer 429 (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_USER", default_value_t = 10)]
+    pub(crate) login_failures_per_user: u32,
+    /// Failed logins from one client address before its logins answer 429 (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_IP", default_value_t = 100)]
+    pub(crate) login_failures_per_ip: u32,
+    /// Failed logins count until this long passes without one; a locked username or address
+    /// is refused until this long after its last failure.
+    #[arg(long, env = "CHATOY_LOGIN_LOCKOUT", default_value = "15m", value_parser = positive_duration)]
+    pub(crate) login_lockout: Duration,
+    /// Header that carries the client's address, set by a proxy in front of every gateway
+    /// (e.g. x-forwarded-for; its last entry counts). Unset: the TCP peer's address. Set it only
+    /// if clients cannot reach the process except through that proxy.
+    #[arg(long, env = "CHATOY_CLIENT_IP_HEADER", value_name = "HEADER", value_parser = header_name)]
+    pub(crate) client_ip_header: Option<String>,
+    /// Browser origins allowed besides the gateway's own host, comma-separated
+    /// (`https://chat.example.com,https://app.example.com`), or `*` for any. They get CORS
+    /// headers; a request or WebSocket upgrade with any other Origin answers 403. Requests
+    /// without an Origin (non-browser clients) are always allowed.
+    #[arg(long, env = "CHATOY_ALLOWED_ORIGINS", default_value = "", value_name = "ORIGINS", value_parser = AllowedOrigins::parse)]
+    pub(crate) allowed_origins: AllowedOrigins,
     /// argon2id memory cost per password hash, in KiB.
     #[arg(long, env = "CHATOY_ARGON2_MEMORY_KIB", default_value_t = 19_456, value_parser = clap::value_parser!(u32).range(8..))]
     pub(crate) argon2_memory_kib: u32,
@@ -307,6 +386,16 @@ impl GatewayArgs {
             since_limit: self.since_limit as usize,
             max_body_size: self.max_body_size as usize,
             http_timeout: self.http_timeout,
+            max_header_size: self.max_header_size as usize,
+            conn_rate: self.conn_rate,
+            conn_burst: self.conn_burst,
+            conn_rate_per_ip: self.conn_rate_per_ip,
+            conn_burst_per_ip: self.conn_burst_per_ip,
+            login_failures_per_user: self.login_failures_per_user,
+            login_failures_per_ip: self.login_failures_per_ip,
+            login_lockout: self.login_lockout,
+            client_ip_header: self.client_ip_header.clone(),
+            allowed_origins: self.allowed_origins.clone(),
             argon2_memory_kib: self.argon2_memory_kib,
             argon2_iterations: self.argon2_iterations,
         }

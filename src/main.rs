@@ -38,12 +38,13 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
-    init_tracing(match &command {
-        Command::Standalone(args) => args.common.log_format,
-        Command::Gateway(args) => args.common.log_format,
-        Command::Router(args) => args.log_format,
-        Command::Migrate(args) => args.log_format,
-    });
+    let (format, filter) = match &command {
+        Command::Standalone(args) => (args.common.log_format, &args.common.log),
+        Command::Gateway(args) => (args.common.log_format, &args.common.log),
+        Command::Router(args) => (args.log_format, &args.log),
+        Command::Migrate(args) => (args.log_format, &args.log),
+    };
+    init_tracing(format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -68,16 +69,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CHATOY_LOG")
+/// Logs to stderr at `filter` (already validated by the flag's parser).
+fn init_tracing(format: LogFormat, filter: &str) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // tungstenite traces every frame's payload, `auth` tokens included: never let it log above
+    // debug, whatever the filter says.
+    let hygiene = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tungstenite", LevelFilter::DEBUG)
+        .with_target("tokio_tungstenite", LevelFilter::DEBUG);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let registry = tracing_subscriber::registry().with(filter).with(hygiene);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init(),
     }
 }
 

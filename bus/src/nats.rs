@@ -24,7 +24,7 @@ use async_nats::{Client, Event, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, oneshot};
 
@@ -134,8 +134,18 @@ impl NatsBus {
         F: Fn(&str, Bytes) -> Option<T> + Send + 'static,
     {
         let subscriber = self.client.subscribe(subject).await.map_err(unavailable)?;
-        // The subscription is active once the server has processed it: a round trip.
-        self.client.flush().await.map_err(unavailable)?;
+        // The subscription is active once the server has processed it. A flush only writes it,
+        // so make a round trip on the same connection: a request to a subject nobody serves
+        // comes back "no responders" once the server has read everything sent before it.
+        let barrier = self
+            .client
+            .request(format!("{}.barrier", self.config.prefix), Bytes::new());
+        match tokio::time::timeout(BARRIER_TIMEOUT, barrier).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) if err.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Ok(Err(err)) => return Err(unavailable(err)),
+            Err(_) => return Err(unavailable("no round trip to NATS in time")),
+        }
         let gaps = self.gaps.subscribe();
         let events = futures_util::stream::unfold(
             (subscriber, gaps, decode),
@@ -162,6 +172,9 @@ impl NatsBus {
         Ok(Subscription::new(Box::pin(events)))
     }
 }
+
+/// Longest wait for the round trip that makes a new subscription certain.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn unavailable(err: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(err.to_string())
@@ -272,7 +285,7 @@ impl Bus for NatsBus {
                 .map_err(unavailable)?;
             sources.push(Box::new(NatsWork {
                 consumer,
-                messages: None,
+                puller: None,
                 client: self.client.clone(),
                 expires: (self.config.failover_timeout / 3).max(Duration::from_millis(500)),
                 partition,
@@ -317,18 +330,88 @@ impl Bus for NatsBus {
     }
 }
 
-type PullMessages = async_nats::jetstream::consumer::pull::Stream;
-
 /// One partition's pull stream in the `routers` priority group.
+///
+/// A task keeps pulling while the router works on a batch: the server keeps a partition pinned
+/// to a router only while that router sends pull requests, and a batch that takes longer than
+/// the failover timeout (a slow store) must not hand the rooms to a second sequencer meanwhile.
 struct NatsWork {
     consumer: async_nats::jetstream::consumer::PullConsumer,
-    messages: Option<PullMessages>,
+    puller: Option<Puller>,
     client: Client,
     expires: Duration,
     partition: u32,
 }
 
+/// The pulling task and what it pulled.
+struct Puller {
+    incoming: tokio::sync::mpsc::Receiver<async_nats::jetstream::Message>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for NatsWork {
+    fn drop(&mut self) {
+        let Some(mut puller) = self.puller.take() else {
+            return;
+        };
+        puller.task.abort();
+        // Pulled but never worked on (a router shutting down): hand back at once rather than
+        // after the ack wait.
+        let mut unworked = Vec::new();
+        while let Ok(message) = puller.incoming.try_recv() {
+            unworked.push(message);
+        }
+        if !unworked.is_empty() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    for message in unworked {
+                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
 impl NatsWork {
+    fn start_puller(&self, max: usize) -> Puller {
+        let (tx, incoming) = tokio::sync::mpsc::channel(max * 2);
+        let consumer = self.consumer.clone();
+        let (expires, partition) = (self.expires, self.partition);
+        let task = tokio::spawn(async move {
+            loop {
+                let opened = consumer
+                    .stream()
+                    .group(PRIORITY_GROUP)
+                    .max_messages_per_batch(max)
+                    .expires(expires)
+                    .heartbeat(expires / 2)
+                    .messages()
+                    .await;
+                let mut messages = match opened {
+                    Ok(messages) => messages,
+                    Err(err) => {
+                        tracing::warn!(cause = %err, partition, "cannot pull; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(next) = messages.next().await {
+                    match next {
+                        Ok(message) => {
+                            if tx.send(message).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(err) => tracing::debug!(cause = %err, partition, "pull error"),
+                    }
+                }
+            }
+        })
+        .abort_handle();
+        Puller { incoming, task }
+    }
+
     fn work(&self, message: async_nats::jetstream::Message) -> Option<Work> {
         let reply = message
             .headers
@@ -358,55 +441,25 @@ impl NatsWork {
 #[async_trait]
 impl WorkSource for NatsWork {
     async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
-        loop {
-            if self.messages.is_none() {
-                let opened = self
-                    .consumer
-                    .stream()
-                    .group(PRIORITY_GROUP)
-                    .max_messages_per_batch(max.max(1))
-                    .expires(self.expires)
-                    .heartbeat(self.expires / 2)
-                    .messages()
-                    .await;
-                match opened {
-                    Ok(messages) => self.messages = Some(messages),
-                    Err(err) => {
-                        tracing::warn!(cause = %err, partition = self.partition, "cannot pull; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                }
-            }
-            let Some(messages) = self.messages.as_mut() else {
-                continue;
-            };
-            match messages.next().await {
-                Some(Ok(message)) => {
-                    out.extend(self.work(message));
-                }
-                Some(Err(err)) => {
-                    tracing::debug!(cause = %err, partition = self.partition, "pull error");
-                    continue;
-                }
-                None => {
-                    self.messages = None;
-                    continue;
-                }
-            }
-            // Take whatever else is already here, without waiting.
-            while out.len() < max {
-                let Some(messages) = self.messages.as_mut() else {
-                    break;
-                };
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(message))) => out.extend(self.work(message)),
-                    _ => break,
-                }
-            }
-            if !out.is_empty() {
-                return true;
+        let max = max.max(1);
+        if self.puller.is_none() {
+            self.puller = Some(self.start_puller(max));
+        }
+        let Some(puller) = self.puller.as_mut() else {
+            return false;
+        };
+        let Some(first) = puller.incoming.recv().await else {
+            return false;
+        };
+        let mut messages = vec![first];
+        // Take whatever else is already here, without waiting.
+        while messages.len() < max {
+            match puller.incoming.try_recv() {
+                Ok(message) => messages.push(message),
+                Err(_) => break,
             }
         }
+        out.extend(messages.into_iter().filter_map(|message| self.work(message)));
+        true
     }
 }

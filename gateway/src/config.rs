@@ -2,6 +2,56 @@
 
 use std::time::Duration;
 
+/// Browser origins allowed to call the API and open WebSockets (`--allowed-origins`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// Only same-origin pages (an `Origin` whose host and port are the request's `Host`) and
+    /// clients that send no `Origin` at all; no CORS headers are ever sent.
+    #[default]
+    SameOrigin,
+    /// Those, and these origins (`scheme://host[:port]`, lower case, no trailing slash), which
+    /// also get CORS headers.
+    List(Vec<String>),
+    /// Every origin (`*`): CORS headers for whatever `Origin` a request carries.
+    Any,
+}
+
+impl AllowedOrigins {
+    /// Parses a comma-separated list: empty for [`AllowedOrigins::SameOrigin`], `*` alone for
+    /// [`AllowedOrigins::Any`], else origins of the form `scheme://host[:port]`.
+    pub fn parse(text: &str) -> Result<AllowedOrigins, String> {
+        let entries: Vec<&str> = text.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+        if entries.is_empty() {
+            return Ok(AllowedOrigins::SameOrigin);
+        }
+        if entries.contains(&"*") {
+            if entries.len() > 1 {
+                return Err("`*` allows every origin and cannot be combined with others".into());
+            }
+            return Ok(AllowedOrigins::Any);
+        }
+        let mut origins = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let origin = entry.trim_end_matches('/').to_ascii_lowercase();
+            let valid = origin.split_once("://").is_some_and(|(scheme, authority)| {
+                !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    && !authority.is_empty()
+                    && !authority.contains(['/', '?', '#', '@', ' '])
+            });
+            if !valid {
+                return Err(format!(
+                    "{entry:?} is not an origin: expected scheme://host[:port], e.g. https://chat.example.com"
+                ));
+            }
+            origins.push(origin);
+        }
+        Ok(AllowedOrigins::List(origins))
+    }
+}
+
 /// Gateway settings; the defaults are PROTOCOL.md's.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -35,8 +85,34 @@ pub struct GatewayConfig {
     pub since_limit: usize,
     /// Largest HTTP request body in bytes (413 above).
     pub max_body_size: usize,
-    /// Time allowed to send request headers, and separately the body.
+    /// Time allowed to send request headers, and separately the body: a connection whose
+    /// request head is not complete in time is closed; a body not complete in time gets 408.
     pub http_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; 431 above. At least 8192.
+    pub max_header_size: usize,
+    /// New connections per second per gateway (sustained), counted at a connection's first
+    /// request that is not a probe (`/healthz`, `/readyz`, `/metrics`); over it, 503.
+    pub conn_rate: f64,
+    /// Burst of new connections per gateway allowed above `conn_rate`.
+    pub conn_burst: f64,
+    /// New connections per second per client address (an IPv6 address counts by its /64);
+    /// over it, 429. Zero disables the per-address limit.
+    pub conn_rate_per_ip: f64,
+    /// Burst of new connections per client address allowed above `conn_rate_per_ip`.
+    pub conn_burst_per_ip: f64,
+    /// Failed logins of one username before its logins are refused with 429; 0 disables.
+    pub login_failures_per_user: u32,
+    /// Failed logins from one client address before its logins are refused with 429; 0
+    /// disables.
+    pub login_failures_per_ip: u32,
+    /// Failures count until this long passes without one; a locked username or address is
+    /// refused until this long after its last failure.
+    pub login_lockout: Duration,
+    /// A request header naming the client's address, set by a trusted proxy in front of every
+    /// gateway (e.g. `x-forwarded-for`; its last entry is used). `None`: the TCP peer.
+    pub client_ip_header: Option<String>,
+    /// Browser origins allowed (the WebSocket upgrade and every HTTP request).
+    pub allowed_origins: AllowedOrigins,
     /// argon2id memory cost in KiB.
     pub argon2_memory_kib: u32,
     /// argon2id iterations.
@@ -62,8 +138,46 @@ impl Default for GatewayConfig {
             since_limit: 1000,
             max_body_size: 64 * 1024,
             http_timeout: Duration::from_secs(10),
+            max_header_size: 16 * 1024,
+            conn_rate: 1000.0,
+            conn_burst: 2000.0,
+            conn_rate_per_ip: 100.0,
+            conn_burst_per_ip: 1000.0,
+            login_failures_per_user: 10,
+            login_failures_per_ip: 100,
+            login_lockout: Duration::from_secs(15 * 60),
+            client_ip_header: None,
+            allowed_origins: AllowedOrigins::SameOrigin,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowedOrigins;
+
+    #[test]
+    fn allowed_origins_parse() {
+        assert_eq!(AllowedOrigins::parse(""), Ok(AllowedOrigins::SameOrigin));
+        assert_eq!(AllowedOrigins::parse(" , "), Ok(AllowedOrigins::SameOrigin));
+        assert_eq!(AllowedOrigins::parse("*"), Ok(AllowedOrigins::Any));
+        assert_eq!(
+            AllowedOrigins::parse("HTTPS://Chat.Example.com/, http://localhost:3000"),
+            Ok(AllowedOrigins::List(vec![
+                "https://chat.example.com".into(),
+                "http://localhost:3000".into()
+            ]))
+        );
+        for bad in [
+            "*,https://a.example",
+            "chat.example.com",
+            "https://a.example/app",
+            "https://",
+            "://x",
+        ] {
+            assert!(AllowedOrigins::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,8 +1,13 @@
-//! The HTTP side of the gateway: accepting connections, routing requests, and the JSON API of
-//! PROTOCOL.md. `GET /ws` is handed to the WebSocket module.
+//! The HTTP side of the gateway: admitting connections (the connection-rate limits), checking
+//! the browser origin and answering CORS, routing requests, and the JSON API of PROTOCOL.md.
+//! `GET /ws` is handed to the WebSocket module.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatoy_protocol::bus::UserEvent;
@@ -11,12 +16,19 @@ use chatoy_protocol::{validate, Timestamp};
 use chatoy_store::StoreError;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
+    ACCESS_CONTROL_REQUEST_METHOD, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN,
+    RETRY_AFTER, VARY,
+};
 use hyper::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::accounts::{session_key, token_hash, Accounts};
+use crate::config::{AllowedOrigins, GatewayConfig};
 use crate::Shared;
 
 /// Every response body is a complete buffer.
@@ -88,15 +100,298 @@ fn store_error(err: StoreError) -> ApiError {
     }
 }
 
+/// What the gateway knows of one TCP connection while it serves its requests.
+pub(crate) struct ConnInfo {
+    peer: SocketAddr,
+    /// Set once the connection passed the connection-rate limits, at its first request that is
+    /// not a probe; later requests on it are not counted again.
+    admitted: AtomicBool,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            peer,
+            admitted: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(rate, burst, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+/// Most client addresses with a partly used bucket; a full bucket is the same as none, so
+/// addresses whose bucket refilled are forgotten. Past this, new addresses go unchecked (the
+/// gateway-wide bucket still holds).
+const MAX_TRACKED_ADDRS: usize = 65_536;
+
+/// The connection-rate limits: one bucket for the gateway, one per client address.
+pub(crate) struct Admission {
+    rate: f64,
+    burst: f64,
+    per_ip_rate: f64,
+    per_ip_burst: f64,
+    gateway: Mutex<Bucket>,
+    addrs: Mutex<AddrBuckets>,
+}
+
+struct AddrBuckets {
+    buckets: HashMap<IpAddr, Bucket>,
+    /// When full buckets were last dropped.
+    pruned: Instant,
+}
+
+/// Why a connection was refused: the status to answer and how long to wait.
+pub(crate) struct Refused {
+    status: StatusCode,
+    retry_after: Duration,
+}
+
+impl Admission {
+    pub(crate) fn new(config: &GatewayConfig) -> Admission {
+        let now = Instant::now();
+        Admission {
+            rate: config.conn_rate,
+            burst: config.conn_burst.max(1.0),
+            per_ip_rate: config.conn_rate_per_ip,
+            per_ip_burst: config.conn_burst_per_ip.max(1.0),
+            gateway: Mutex::new(Bucket::full(config.conn_burst.max(1.0), now)),
+            addrs: Mutex::new(AddrBuckets {
+                buckets: HashMap::new(),
+                pruned: now,
+            }),
+        }
+    }
+
+    /// Counts a new connection from `addr`: 429 over the address's rate (which then does not
+    /// use up the gateway's), 503 over the gateway's.
+    fn admit(&self, addr: IpAddr) -> Result<(), Refused> {
+        let now = Instant::now();
+        if self.per_ip_rate > 0.0 {
+            let (rate, burst) = (self.per_ip_rate, self.per_ip_burst);
+            let mut addrs = self.addrs.lock();
+            // A bucket refills completely within burst / rate; after that it can be dropped.
+            let refill = Duration::from_secs_f64((burst / rate).min(3600.0));
+            if addrs.buckets.len() >= MAX_TRACKED_ADDRS
+                || now.saturating_duration_since(addrs.pruned) >= refill.max(Duration::from_secs(10))
+            {
+                addrs.buckets.retain(|_, bucket| {
+                    bucket.refill(rate, burst, now);
+                    bucket.tokens < burst
+                });
+                addrs.pruned = now;
+            }
+            let full = addrs.buckets.len() >= MAX_TRACKED_ADDRS;
+            let taken = match addrs.buckets.get_mut(&addr) {
+                Some(bucket) => bucket.take(rate, burst, now),
+                None if !full => {
+                    let mut bucket = Bucket::full(burst, now);
+                    let taken = bucket.take(rate, burst, now);
+                    addrs.buckets.insert(addr, bucket);
+                    taken
+                }
+                None => Ok(()),
+            };
+            taken.map_err(|retry_after| Refused {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after,
+            })?;
+        }
+        self.gateway
+            .lock()
+            .take(self.rate, self.burst, now)
+            .map_err(|retry_after| Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                retry_after,
+            })
+    }
+}
+
+/// The key a client address is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by
+/// its /64, the smallest block one host is usually given.
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+    }
+}
+
+/// The client's address: the last entry of `--client-ip-header` when it is configured and
+/// readable (the entry the trusted proxy added), else the TCP peer.
+fn client_addr(config: &GatewayConfig, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    let forwarded = config.client_ip_header.as_deref().and_then(|name| {
+        let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
+        let last = value.rsplit(',').next()?.trim();
+        last.parse::<IpAddr>()
+            .ok()
+            .or_else(|| last.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
+    });
+    addr_key(forwarded.unwrap_or(peer.ip()))
+}
+
+/// A refusal that asks the client to come back later and ends the connection.
+fn refusal(status: StatusCode, msg: &str, retry_after: Duration, close: bool) -> Response<Body> {
+    let mut response = error_response(status, msg);
+    set_retry_after(&mut response, retry_after);
+    if close {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// `Retry-After` in whole seconds, at least 1.
+fn set_retry_after(response: &mut Response<Body>, wait: Duration) {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+}
+
+/// Checks the `Origin` header. `Ok(Some(origin))`: a cross-origin request from an allowed origin,
+/// to answer with CORS headers; `Ok(None)`: no `Origin`, or the request's own host; `Err`: 403.
+fn check_origin(config: &GatewayConfig, headers: &HeaderMap) -> Reply<Option<HeaderValue>> {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(None);
+    };
+    let text = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    let listed = match &config.allowed_origins {
+        AllowedOrigins::Any => true,
+        AllowedOrigins::List(list) => list.iter().any(|allowed| allowed.eq_ignore_ascii_case(text)),
+        AllowedOrigins::SameOrigin => false,
+    };
+    if listed {
+        return Ok(Some(origin.clone()));
+    }
+    let same_host = text.split_once("://").is_some_and(|(_, authority)| {
+        headers
+            .get(HOST)
+            .and_then(|host| host.to_str().ok())
+            .is_some_and(|host| host.eq_ignore_ascii_case(authority))
+    });
+    if same_host {
+        return Ok(None);
+    }
+    Err(ApiError::new(StatusCode::FORBIDDEN, "origin not allowed"))
+}
+
+/// The CORS headers for an allowed cross-origin request.
+fn add_cors(response: &mut Response<Body>, origin: HeaderValue) {
+    let h = response.headers_mut();
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after"),
+    );
+    h.append(VARY, HeaderValue::from_static("origin"));
+}
+
+/// The answer to a CORS preflight from an allowed origin (its `Access-Control-Allow-Origin` is
+/// added like on every other answer).
+fn preflight() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let h = response.headers_mut();
+    h.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    response
+}
+
+/// Whether a path is one the API serves (with some method).
+fn known_path(segments: &[&str]) -> bool {
+    matches!(
+        segments,
+        ["ws" | "healthz" | "readyz" | "metrics" | "users" | "login" | "logout" | "rooms"]
+            | ["users" | "rooms", _]
+            | ["rooms", _, "join" | "messages"]
+    )
+}
+
 /// Routes one request. Never fails: every problem becomes a documented error response.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    let probe = matches!(segments.as_slice(), ["healthz" | "readyz" | "metrics"]);
+    let addr = client_addr(&shared.config, conn.peer, req.headers());
+    // Probes are never refused, so a load balancer does not take a busy gateway out of rotation.
+    if !probe && !conn.admitted.load(Ordering::Relaxed) {
+        if let Err(refused) = shared.admission.admit(addr) {
+            let (metric, msg) = if refused.status == StatusCode::TOO_MANY_REQUESTS {
+                (
+                    &shared.metrics.refused_conn_rate_ip,
+                    "too many new connections from this address",
+                )
+            } else {
+                (&shared.metrics.refused_conn_rate, "too many new connections")
+            };
+            metric.inc();
+            return Ok(refusal(refused.status, msg, refused.retry_after, true));
+        }
+        conn.admitted.store(true, Ordering::Relaxed);
+    }
+    let cors = match check_origin(&shared.config, req.headers()) {
+        Ok(cors) => cors,
+        Err(err) => {
+            shared.metrics.refused_origin.inc();
+            return Ok(err.into_response());
+        }
+    };
+    let is_preflight = method == Method::OPTIONS
+        && cors.is_some()
+        && req.headers().contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+        && known_path(&segments);
     let response = match (segments.as_slice(), &method) {
+        _ if is_preflight => Ok(preflight()),
         (["ws"], &Method::GET) => Ok(crate::ws::upgrade(&shared, req)),
         (["healthz"], &Method::GET) => Ok(ok_response(StatusCode::OK)),
         (["readyz"], &Method::GET) => Ok(readiness(&shared).await),
@@ -110,22 +405,26 @@ pub(crate) async fn handle(
         }
         (["users"], &Method::POST) => register(&shared, req).await,
         (["users", id], &Method::GET) => get_user(&shared, id).await,
-        (["login"], &Method::POST) => login(&shared, req).await,
+        (["login"], &Method::POST) => login(&shared, req, addr).await,
         (["logout"], &Method::POST) => logout(&shared, req).await,
         (["rooms"], &Method::POST) => create_room(&shared, req).await,
         (["rooms", "me"], &Method::GET) => my_rooms(&shared, req).await,
         (["rooms", id], &Method::GET) => get_room(&shared, id).await,
         (["rooms", id, "join"], &Method::POST) => join_room(&shared, req, id).await,
         (["rooms", id, "messages"], &Method::GET) => history(&shared, req, id).await,
-        (["ws" | "healthz" | "readyz" | "metrics" | "users" | "login" | "logout" | "rooms"], _)
-        | (["users" | "rooms", _], _)
-        | (["rooms", _, "join" | "messages"], _) => Err(ApiError::new(
+        (known, _) if known_path(known) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
         )),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "no such path")),
     };
-    Ok(response.unwrap_or_else(ApiError::into_response))
+    let mut response = response.unwrap_or_else(ApiError::into_response);
+    if let Some(origin) = cors {
+        add_cors(&mut response, origin);
+    }
+    // The path and the status only: headers and bodies carry tokens and passwords.
+    tracing::debug!(%method, path, status = response.status().as_u16(), client = %addr, "http request");
+    Ok(response)
 }
 
 async fn readiness(shared: &Shared) -> Response<Body> {
@@ -242,18 +541,36 @@ async fn get_user(shared: &Shared, id: &str) -> Reply<Response<Body>> {
     }
 }
 
-async fn login(shared: &Shared, req: Request<Incoming>) -> Reply<Response<Body>> {
+async fn login(shared: &Shared, req: Request<Incoming>, addr: IpAddr) -> Reply<Response<Body>> {
     let credentials: Credentials = read_json(shared, req).await?;
-    let found = shared
-        .store
-        .user_by_name(&credentials.username)
-        .await
-        .map_err(store_error)?;
+    if let Err(wait) = shared.logins.attempt(&credentials.username, addr) {
+        shared.metrics.refused_login.inc();
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &LoginReply {
+                code: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+                msg: "too many failed logins, try again later".into(),
+                user: None,
+            },
+        );
+        set_retry_after(&mut response, wait);
+        return Ok(response);
+    }
+    let found = match shared.store.user_by_name(&credentials.username).await {
+        Ok(found) => found,
+        Err(err) => {
+            shared.logins.cancel(&credentials.username, addr);
+            return Err(store_error(err));
+        }
+    };
     let (user, hash) = match found {
         Some(found) => (Some(found.user), Some(found.password_hash)),
         None => (None, None),
     };
     let verified = shared.accounts.verify(credentials.password, hash).await;
+    if verified {
+        shared.logins.succeeded(&credentials.username, addr);
+    }
     let Some(user) = user.filter(|_| verified) else {
         return Ok(json_response(
             StatusCode::UNAUTHORIZED,
@@ -381,4 +698,97 @@ async fn history(shared: &Shared, req: Request<Incoming>, id: &str) -> Reply<Res
         .await
         .map_err(store_error)?;
     Ok(json_response(StatusCode::OK, &messages))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_count_by_ipv4_or_ipv6_slash_64() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(addr_key(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(addr_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(addr_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn client_address_from_the_last_header_entry() {
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut config = GatewayConfig::default();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1, 2.2.2.2"));
+        assert_eq!(
+            client_addr(&config, peer, &headers),
+            peer.ip(),
+            "no header configured"
+        );
+        config.client_ip_header = Some("x-forwarded-for".into());
+        assert_eq!(
+            client_addr(&config, peer, &headers),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        headers.insert("x-forwarded-for", HeaderValue::from_static("[2001:db8::1]:443"));
+        assert_eq!(
+            client_addr(&config, peer, &headers),
+            "2001:db8::".parse::<IpAddr>().unwrap()
+        );
+        headers.insert("x-forwarded-for", HeaderValue::from_static("unknown"));
+        assert_eq!(
+            client_addr(&config, peer, &headers),
+            peer.ip(),
+            "unreadable: the peer"
+        );
+    }
+
+    #[test]
+    fn origins_same_host_listed_or_any() {
+        let mut config = GatewayConfig::default();
+        let headers = |origin: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(HOST, HeaderValue::from_static("chat.example.com"));
+            headers.insert(ORIGIN, HeaderValue::from_static(origin));
+            headers
+        };
+        assert!(matches!(check_origin(&config, &HeaderMap::new()), Ok(None)));
+        assert!(matches!(
+            check_origin(&config, &headers("https://chat.example.com")),
+            Ok(None)
+        ));
+        assert!(check_origin(&config, &headers("https://evil.example")).is_err());
+        config.allowed_origins = AllowedOrigins::parse("https://app.example.com").unwrap();
+        assert!(matches!(
+            check_origin(&config, &headers("https://app.example.com")),
+            Ok(Some(_))
+        ));
+        assert!(check_origin(&config, &headers("https://app.example.com:444")).is_err());
+        config.allowed_origins = AllowedOrigins::Any;
+        assert!(matches!(check_origin(&config, &headers("null")), Ok(Some(_))));
+    }
+
+    #[test]
+    fn admission_per_address_then_per_gateway() {
+        let config = GatewayConfig {
+            conn_rate: 0.001,
+            conn_burst: 3.0,
+            conn_rate_per_ip: 0.001,
+            conn_burst_per_ip: 2.0,
+            ..GatewayConfig::default()
+        };
+        let admission = Admission::new(&config);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert!(admission.admit(a).is_ok());
+        assert!(admission.admit(a).is_ok());
+        let refused = admission.admit(a).unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.retry_after > Duration::from_secs(900));
+        assert!(
+            admission.admit(b).is_ok(),
+            "the refusal did not use the gateway's token"
+        );
+        assert_eq!(
+            admission.admit(b).unwrap_err().status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 }

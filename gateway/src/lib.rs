@@ -19,9 +19,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::GatewayConfig;
+pub use config::{AllowedOrigins, GatewayConfig};
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, LoginThrottle};
+use crate::http::{Admission, ConnInfo};
 use crate::metrics::Metrics;
 use crate::ws::registry::Registry;
 
@@ -31,6 +32,10 @@ pub(crate) struct Shared {
     store: DynStore,
     bus: DynBus,
     accounts: Accounts,
+    /// Failed logins per username and per client address.
+    logins: LoginThrottle,
+    /// New connections per second, per gateway and per client address.
+    admission: Admission,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     /// This process's random id on the bus, so its own sockets are recognised in room events.
@@ -68,11 +73,19 @@ pub async fn run(
         config.since_limit,
         metrics.clone(),
     );
+    let logins = LoginThrottle::new(
+        config.login_failures_per_user,
+        config.login_failures_per_ip,
+        config.login_lockout,
+    );
+    let admission = Admission::new(&config);
     let shared = Arc::new(Shared {
         config,
         store,
         bus,
         accounts,
+        logins,
+        admission,
         metrics,
         registry,
         gateway_id,
@@ -90,7 +103,7 @@ pub async fn run(
     let user_feed = tokio::spawn(shared.registry.clone().user_feed(users));
     let http = TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -104,14 +117,20 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let header_timeout = shared.config.http_timeout;
+        // hyper refuses a read buffer under 8 KiB; the flag's minimum is that.
+        let max_header_size = shared.config.max_header_size;
         let shutdown = shutdown.clone();
         let shared = shared.clone();
+        let conn = Arc::new(ConnInfo::new(peer));
         http.spawn(async move {
-            let service = service_fn(move |req| http::handle(shared.clone(), req));
+            let service = service_fn(move |req| http::handle(shared.clone(), conn.clone(), req));
+            // A request head that is not complete within the header timeout, or larger than
+            // the limit, ends the connection (the latter with 431).
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .max_buf_size(16 * 1024)
+                .max_buf_size(max_header_size.max(8192))
+                .max_header_size(max_header_size)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);

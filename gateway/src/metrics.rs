@@ -26,6 +26,14 @@ pub(crate) struct Metrics {
     pub(crate) slow_consumers: IntCounter,
     /// Room subscriptions that may have lost events and were backfilled.
     pub(crate) bus_gaps: IntCounter,
+    /// Connections refused over the gateway's connection rate (503).
+    pub(crate) refused_conn_rate: IntCounter,
+    /// Connections refused over a client address's connection rate (429).
+    pub(crate) refused_conn_rate_ip: IntCounter,
+    /// Logins refused because the username or the address is locked (429).
+    pub(crate) refused_login: IntCounter,
+    /// Requests refused for their `Origin` (403).
+    pub(crate) refused_origin: IntCounter,
 }
 
 impl Metrics {
@@ -68,6 +76,14 @@ impl Metrics {
             "Times a room subscription may have lost events and was backfilled from the store.",
         )
         .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "chatoy_http_refused_total",
+                "HTTP requests refused by a limit or a check, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(sockets_open.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(frames_in.clone()),
@@ -76,6 +92,7 @@ impl Metrics {
             Box::new(ack_latency.clone()),
             Box::new(slow_consumers.clone()),
             Box::new(bus_gaps.clone()),
+            Box::new(refused.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -95,6 +112,10 @@ impl Metrics {
             ack_latency,
             slow_consumers,
             bus_gaps,
+            refused_conn_rate: refused.with_label_values(&["conn_rate"]),
+            refused_conn_rate_ip: refused.with_label_values(&["conn_rate_ip"]),
+            refused_login: refused.with_label_values(&["login_locked"]),
+            refused_origin: refused.with_label_values(&["origin"]),
             registry,
         }
     }

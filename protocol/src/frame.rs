@@ -66,7 +66,7 @@ pub enum ServerFrame {
 }
 
 /// The content of a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type")]
 pub enum MessageContent {
     /// Plain text, 1 to 4000 characters.
@@ -74,6 +74,35 @@ pub enum MessageContent {
         /// The text.
         text: String,
     },
+}
+
+/// Only the object form, with `type` a string: serde's internally tagged enums would also take
+/// a JSON array (`["Text","x"]`) or a variant index (`"type":0`), which PROTOCOL.md does not.
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(rename = "type")]
+            kind: String,
+            text: Option<String>,
+        }
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a content object with a string `type`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<MessageContent, A::Error> {
+                let fields = Fields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                match (fields.kind.as_str(), fields.text) {
+                    ("Text", Some(text)) => Ok(MessageContent::Text { text }),
+                    ("Text", None) => Err(serde::de::Error::missing_field("text")),
+                    (other, _) => Err(serde::de::Error::unknown_variant(other, &["Text"])),
+                }
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
 }
 
 /// A stored message: the `data` of `recv` and an element of the history API.
@@ -111,6 +140,14 @@ impl ClientFrame {
     /// Parses one text frame. The common case costs one pass; only a frame that fails is looked
     /// at again to decide which answer it deserves.
     pub fn parse(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+        // A frame is a JSON object: serde would also take the array form of a tagged enum.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            let err = serde_json::from_slice::<serde_json::Value>(bytes).err();
+            return Err(match err {
+                Some(err) => FrameError::Unreadable(format!("invalid JSON: {err}")),
+                None => FrameError::Unreadable("a frame must be a JSON object".into()),
+            });
+        }
         match serde_json::from_slice::<ClientFrame>(bytes) {
             Ok(frame) => Ok(frame),
             Err(err) => Err(classify(bytes, err)),

@@ -48,6 +48,7 @@ const SCHEMA: &[(&str, &str)] = &[
     ("004_rooms.cql", include_str!("../schema/004_rooms.cql")),
     ("005_messages.cql", include_str!("../schema/005_messages.cql")),
     ("006_id_blocks.cql", include_str!("../schema/006_id_blocks.cql")),
+    ("007_room_heads.cql", include_str!("../schema/007_room_heads.cql")),
 ];
 
 /// Ten days, the default width of a message bucket.
@@ -474,6 +475,9 @@ impl Store for CqlStore {
             (id as i64, name, description, now.0),
         )
         .await?;
+        // A new room has a head from the start, so that its first batch too becomes visible
+        // only once completely stored.
+        self.advance_head(id, 0).await?;
         self.write_membership(id, creator, now).await?;
         Ok(Room {
             id,

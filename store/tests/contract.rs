@@ -466,7 +466,8 @@ async fn cql_pages_across_buckets(store: DynStore) {
 }
 
 /// A claim in `message_ids` whose `messages` row was never written (its writer died between
-/// the two writes) is repaired by the next insert of that uuid by the same sender, and only then.
+/// the two writes) is taken over by the next insert of that uuid by the same sender, at that
+/// insert's `sent`, and only then.
 async fn cql_repairs_a_claim_without_its_row(fresh: Arc<FreshCql>, store: DynStore) {
     let orphan = uuid::Uuid::new_v4();
     let claim = format!(
@@ -487,18 +488,18 @@ async fn cql_repairs_a_claim_without_its_row(fresh: Arc<FreshCql>, store: DynSto
         .await
         .unwrap()
         .is_empty());
-    // The original sender's retry writes the missing row from the claim.
+    // The original sender's retry stores it as new, at the `sent` it carries now (its writer
+    // never acknowledged it), not back-dated to the claim's.
     let mut retry = message(3, 4, 900, "again");
     retry.uuid = orphan;
     let outcome = store.insert_messages(vec![retry.clone()]).await.unwrap();
-    let InsertOutcome::Duplicate(repaired) = &outcome[0] else {
-        panic!("a claimed uuid is a duplicate: {outcome:?}");
-    };
-    assert_eq!((repaired.sender, repaired.sent), (4, Timestamp(700)));
-    assert_eq!(repaired.data, text("again"));
+    assert_eq!(outcome, vec![InsertOutcome::Inserted]);
     let stored = store.history(3, Timestamp(i64::MAX), 10).await.unwrap();
-    assert_eq!(stored, vec![repaired.clone()]);
-    assert_eq!(store.last_sent(3).await.unwrap(), Some(Timestamp(700)));
+    assert_eq!(stored.len(), 1);
+    let repaired = &stored[0];
+    assert_eq!((repaired.sender, repaired.sent), (4, Timestamp(900)));
+    assert_eq!(repaired.data, text("again"));
+    assert_eq!(store.last_sent(3).await.unwrap(), Some(Timestamp(900)));
     // From now on it is an ordinary duplicate.
     assert_eq!(
         store.insert_messages(vec![retry]).await.unwrap(),

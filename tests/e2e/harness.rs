@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -187,10 +187,16 @@ impl Process {
         let mut child = command.spawn().expect("spawn chatoy");
         let stdout = child.stdout.take().expect("piped stdout");
         let (ready_tx, ready_rx) = oneshot::channel::<String>();
+        // Every stdout line also goes to the log, so the log is the process's whole output.
+        let mut tee = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("open stderr log");
         std::thread::spawn(move || {
             let mut ready_tx = Some(ready_tx);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                let _ = writeln!(tee, "{line}");
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(line);
                 }
@@ -242,7 +248,7 @@ impl Process {
         }
     }
 
-    /// Everything every incarnation wrote to stderr.
+    /// Everything every incarnation wrote to stderr (and to stdout).
     pub(crate) fn stderr(&self) -> String {
         fs::read(&self.log)
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
@@ -433,6 +439,44 @@ impl Server {
     pub(crate) fn ws_url(&self) -> String {
         let (addr, path) = self.ws_target();
         format!("ws://{addr}{path}")
+    }
+
+    /// Gateway `n` (1-based) itself, `127.0.0.1:PORT`, bypassing any load balancer: for limits
+    /// and timeouts of one process. A standalone server is its own only gateway.
+    pub(crate) fn gateway_addr(&self, n: usize) -> String {
+        match &self.backend {
+            Backend::Standalone(s) => {
+                assert_eq!(n, 1, "a standalone server is one gateway");
+                format!("127.0.0.1:{}", s.process.port())
+            }
+            Backend::Cluster(c) => c.gateway_url(n).trim_start_matches("http://").to_owned(),
+        }
+    }
+
+    /// An HTTP client of gateway `n` itself (see [`Server::gateway_addr`]).
+    pub(crate) fn gateway_api(&self, n: usize) -> Api {
+        let base = format!("http://{}", self.gateway_addr(n));
+        Api::new(base.clone(), vec![base])
+    }
+
+    /// The process id of gateway `n` (the process listening on its port).
+    pub(crate) fn gateway_pid(&self, n: usize) -> u32 {
+        let addr = self.gateway_addr(n);
+        let port: u16 = addr
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("gateway port");
+        pid_listening_on(port).unwrap_or_else(|| panic!("no process listens on {addr}"))
+    }
+
+    /// Where a WebSocket to gateway `n` connects (`127.0.0.1:PORT` and the path), through the
+    /// load balancer in cluster mode like every client's.
+    pub(crate) fn gateway_ws_target(&self, n: usize) -> (String, String) {
+        match &self.backend {
+            Backend::Standalone(_) => (self.gateway_addr(n), "/ws".into()),
+            Backend::Cluster(c) => (c.lb_addr(), c.ws_path(n)),
+        }
     }
 
     /// The WebSocket URL of gateway `n` (1-based), for limits that hold per process. A
@@ -1032,6 +1076,14 @@ impl Ws {
         ws
     }
 
+    /// Wraps a WebSocket the caller upgraded itself (e.g. with extra request headers).
+    pub(crate) fn from_stream(inner: Stream) -> Ws {
+        Ws {
+            inner,
+            pending: VecDeque::new(),
+        }
+    }
+
     /// Opens a WebSocket to a URL.
     pub(crate) async fn connect_url(url: &str) -> Ws {
         let (inner, response) = within(WAIT, "the upgrade", tokio_tungstenite::connect_async(url))
@@ -1238,6 +1290,11 @@ impl RawWs {
     /// Connects with an optional `SO_RCVBUF`, then upgrades.
     pub(crate) async fn connect_with(server: &Server, recv_buffer: Option<u32>) -> RawWs {
         let (addr, path) = server.ws_target();
+        RawWs::connect_target(&addr, &path, recv_buffer).await
+    }
+
+    /// Connects to `addr` with an optional `SO_RCVBUF`, then upgrades on `path`.
+    pub(crate) async fn connect_target(addr: &str, path: &str, recv_buffer: Option<u32>) -> RawWs {
         let addr: std::net::SocketAddr = addr.parse().expect("addr");
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(size) = recv_buffer {
@@ -1411,3 +1468,188 @@ pub(crate) fn seed(test: &str) -> u64 {
     println!("{test}: seed {seed} (replay with CHATOY_E2E_SEED={seed})");
     seed
 }
+
+/// The process listening on TCP `port` of 127.0.0.1 (from `/proc/net/tcp` and the processes'
+/// socket descriptors).
+pub(crate) fn pid_listening_on(port: u16) -> Option<u32> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let wanted = format!(":{port:04X}");
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local_address, st (0A = LISTEN), inode.
+        let listening = fields.get(3) == Some(&"0A");
+        (listening && fields.get(1)?.ends_with(&wanted)).then(|| fields.get(9).map(|s| s.to_string()))?
+    })?;
+    let target = format!("socket:[{inode}]");
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// A process's resident set size in KiB (`VmRSS` of `/proc/<pid>/status`); `None` once the
+/// process is gone.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok());
+    Some(rss.unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// A plain TCP client that speaks HTTP/1.1 by hand: it can send a request a byte at a time, from
+/// a chosen loopback source address, and see exactly what the server answers or when it hangs up.
+pub(crate) struct RawHttp {
+    stream: TcpStream,
+    /// Bytes read but not consumed yet.
+    buffer: Vec<u8>,
+}
+
+/// One HTTP response as [`RawHttp`] reads it.
+#[derive(Debug)]
+pub(crate) struct RawResponse {
+    /// The status code.
+    pub(crate) status: u16,
+    /// Header names (lower case) and values, in order.
+    pub(crate) headers: Vec<(String, String)>,
+    /// The body (by `Content-Length`).
+    pub(crate) body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of a header, by lower-case name.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON (`Value::Null` if it is not JSON).
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+impl RawHttp {
+    /// Connects to `addr` (`127.0.0.1:PORT`), from `source` if given (any 127.x.y.z works on
+    /// Linux, so a test can be a client address of its own).
+    pub(crate) async fn connect(addr: &str, source: Option<std::net::IpAddr>) -> RawHttp {
+        let addr: std::net::SocketAddr = addr.parse().expect("addr");
+        let socket = TcpSocket::new_v4().expect("socket");
+        if let Some(ip) = source {
+            socket
+                .bind(std::net::SocketAddr::new(ip, 0))
+                .unwrap_or_else(|err| panic!("bind {ip}: {err}"));
+        }
+        let stream = within(WAIT, "TCP connect", socket.connect(addr))
+            .await
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawHttp {
+            stream,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Writes bytes; `false` if the server already closed the connection.
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> bool {
+        matches!(
+            tokio::time::timeout(WAIT, self.stream.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Reads more bytes into the buffer; `false` at the end of the connection (or a reset).
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buffer.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Reads one response (waiting at most `limit`); `None` if the connection ended first.
+    pub(crate) async fn response(&mut self, limit: Duration) -> Option<RawResponse> {
+        within(limit, "an HTTP response", async {
+            let end = loop {
+                if let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end;
+                }
+                if !self.fill().await {
+                    return None;
+                }
+            };
+            let head = String::from_utf8_lossy(&self.buffer[..end]).into_owned();
+            self.buffer.drain(..end + 4);
+            let mut lines = head.split("\r\n");
+            let status_line = lines.next().unwrap_or_default();
+            let status = status_line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|line| line.split_once(':'))
+                .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+                .collect();
+            let length = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .and_then(|(_, value)| value.parse::<usize>().ok())
+                .unwrap_or(0);
+            while self.buffer.len() < length {
+                if !self.fill().await {
+                    break;
+                }
+            }
+            let body = self.buffer.drain(..length.min(self.buffer.len())).collect();
+            Some(RawResponse {
+                status,
+                headers,
+                body,
+            })
+        })
+        .await
+    }
+
+    /// Whether the server has closed the connection (reading nothing more), waiting at most
+    /// `limit`; bytes that arrive meanwhile are kept for [`RawHttp::response`].
+    pub(crate) async fn closed_within(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async { while self.fill().await {} })
+            .await
+            .is_ok()
+    }
+
+    /// Sends a complete `GET path` request with extra header lines (each ending in CRLF) and
+    /// reads the answer.
+    pub(crate) async fn get(&mut self, path: &str, headers: &str) -> Option<RawResponse> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
+        if !self.send(request.as_bytes()).await {
+            return None;
+        }
+        self.response(WAIT).await
+    }
+}
+
+/// The header lines of a WebSocket upgrade request (for [`RawHttp::get`]).
+pub(crate) const UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";

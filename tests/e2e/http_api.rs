@@ -7,7 +7,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    assert_auth, assert_keys, assert_recent, assert_user, new_uuid, ts, within, Server, Ws, PASSWORD, WAIT,
+    assert_auth, assert_keys, assert_recent, assert_user, new_uuid, ts, within, RawHttp, Server, Ws,
+    PASSWORD, WAIT,
 };
 
 #[tokio::test]
@@ -318,6 +319,15 @@ async fn unknown_paths_methods_and_bodies() {
         .raw(Method::POST, "/users", None, Some(padded("over64k", limit + 1)))
         .await;
     reply.assert_error(413);
+
+    // Request heads: 12 KiB is served, 20 KiB is over the default 16 KiB and gets 431 (the
+    // gateway itself: a load balancer in front may have its own, smaller limit).
+    for (pad, status) in [(12 * 1024, 200), (20 * 1024, 431)] {
+        let mut conn = RawHttp::connect(&server.gateway_addr(1), None).await;
+        let header = format!("X-Pad: {}\r\n", "p".repeat(pad));
+        let answer = conn.get("/healthz", &header).await.expect("an answer");
+        assert_eq!(answer.status, status, "a {pad}-byte header: {answer:?}");
+    }
 }
 
 #[tokio::test]

@@ -1,12 +1,20 @@
 //! The server's limits and failure answers: rate limiting (code 4), an unavailable store
-//! (code 5), frames it refuses with a close (1003, 1007, 1009), the socket cap (HTTP 503) and
-//! the slow-consumer cut-off (1008) followed by a lossless resume.
+//! (code 5), frames it refuses with a close (1003, 1007, 1009), the socket cap (HTTP 503), the
+//! connection rate per gateway (503) and per client address (429), failed logins (429), slow
+//! and oversized HTTP requests (closed, 408, 431, 413), and the slow-consumer cut-off (1008)
+//! with bounded gateway memory, followed by a lossless resume.
 
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{assert_send, msg_frame, new_uuid, opcode, ts, within, Event, RawWs, Server, Ws, WAIT};
+use crate::harness::{
+    assert_send, msg_frame, new_uuid, opcode, random_hex, rss_kib, ts, within, Event, RawHttp, RawWs, Server,
+    Ws, PASSWORD, UPGRADE_HEADERS, WAIT,
+};
 
 #[tokio::test]
 async fn rate_limit_code_4_then_retry() {
@@ -216,14 +224,17 @@ async fn socket_cap_answers_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_closed_and_resumes_losslessly() {
-    const FLOOD: usize = 3000;
-    // A long write timeout: when bob reads again, the server must still be waiting to deliver the
-    // frames it had written and its close frame; a large since-limit lets the resume get all.
+    const FLOOD: usize = 2500;
+    const FLOOD_MIB: usize = FLOOD * 16_000 / (1024 * 1024);
+    const MEMORY_BOUND_MIB: usize = 32;
+    // A write timeout longer than the flood may take (its guard below): when bob reads again,
+    // the server must still be waiting to deliver the frames it had written and its close frame;
+    // a large since-limit lets the resume get all.
     let server = Server::start_with(&[
         "--outbound-queue",
         "16",
         "--write-timeout",
-        "30s",
+        "200s",
         "--since-limit",
         "5000",
         "--msg-rate",
@@ -240,22 +251,45 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
 
     let mut a = Ws::authed(&server, &alice.token).await;
     // A small receive buffer makes the server's side back up quickly once bob stops reading.
-    let mut slow = RawWs::connect_with(&server, Some(4096)).await;
+    // Bob is on gateway 1, whose memory is watched.
+    let (addr, path) = server.gateway_ws_target(1);
+    let mut slow = RawWs::connect_target(&addr, &path, Some(4096)).await;
     slow.auth_ok(&bob.token, None).await;
     let start = new_uuid();
     let start_sent = a.send_ok(&start, room, "before the flood").await;
     let first = slow.next_json().await;
     assert_eq!(first["data"]["uuid"], json!(start));
 
-    // Bob stops reading; alice floods with up to 8 unacknowledged messages.
-    let text = "x".repeat(3500);
+    // The gateway's resident memory while bob does not read: sampled until the flood is over.
+    let pid = server.gateway_pid(1);
+    let before = rss_kib(pid).expect("the gateway runs");
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        async move {
+            // The process outlives the sampling unless the test failed already.
+            while sampling.load(Ordering::SeqCst) {
+                let Some(rss) = rss_kib(pid) else { return };
+                peak.fetch_max(rss, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak.fetch_max(rss_kib(pid).expect("the gateway runs"), Ordering::SeqCst);
+        }
+    });
+
+    // Bob stops reading; alice floods with up to 12 unacknowledged messages (her own queue holds
+    // 16 answers) of 4000 four-byte
+    // characters: 16 000 bytes each, FLOOD_MIB in all, more than the memory bound below.
+    let text = "\u{1F980}".repeat(4000);
     let mut acked: Vec<(String, i64)> = Vec::new();
     let mut in_flight = 0;
     let mut next = 0;
     // A guard against a hang, not a timing check: through a cluster the flood takes longer.
+    let flood_started = Instant::now();
     within(Duration::from_secs(180), "the flood", async {
         while acked.len() < FLOOD {
-            while next < FLOOD && in_flight < 8 {
+            while next < FLOOD && in_flight < 12 {
                 a.send_text(&msg_frame(&new_uuid(), room, &text)).await;
                 next += 1;
                 in_flight += 1;
@@ -269,6 +303,23 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     })
     .await;
     acked.sort_by_key(|(_, sent)| *sent);
+    sampling.store(false, Ordering::SeqCst);
+    sampler.await.expect("the RSS sampler");
+    let peak = peak.load(Ordering::SeqCst);
+    let grown_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    println!(
+        "gateway VmRSS: {} MiB before the flood, at most {} MiB while bob did not read \
+         (+{grown_mib:.1} MiB for a {FLOOD_MIB} MiB flood in {:.1} s)",
+        before / 1024,
+        peak / 1024,
+        flood_started.elapsed().as_secs_f64()
+    );
+    // Were bob's frames kept instead of dropped with his socket, the gateway would hold the
+    // whole flood (measured: +50 MiB with an unbounded queue); a bounded queue costs a few MiB.
+    assert!(
+        grown_mib < MEMORY_BOUND_MIB as f64,
+        "the gateway grew by {grown_mib:.1} MiB (bound {MEMORY_BOUND_MIB} MiB) behind a slow consumer"
+    );
 
     // Bob reads again: some recv frames, then the slow-consumer close.
     let mut seen: Vec<(String, String)> = Vec::new();
@@ -317,4 +368,317 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     let live = new_uuid();
     a.send_ok(&live, room, "live").await;
     assert_eq!(resumed.next_recv().await["uuid"], json!(live));
+}
+
+/// A loopback address of the test's own, so the connection-rate limit per address counts only
+/// this test's connections (any 127.x.y.z reaches 127.0.0.1's listeners on Linux).
+fn loopback(third: u8, fourth: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, third, fourth))
+}
+
+/// `Retry-After` as whole seconds, asserting it is there.
+#[track_caller]
+fn retry_after(response: &crate::harness::RawResponse) -> u64 {
+    response
+        .header("retry-after")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {response:?}"))
+}
+
+#[tokio::test]
+async fn connection_rate_per_address_429_and_per_gateway_503() {
+    // Slow refills (one connection per 10 s) so the counts below are exact: 3 connections per
+    // address, 10 per gateway.
+    let server = Server::start_with(&[
+        "--conn-rate",
+        "0.1",
+        "--conn-burst",
+        "10",
+        "--conn-rate-per-ip",
+        "0.1",
+        "--conn-burst-per-ip",
+        "3",
+    ])
+    .await;
+    // The limits hold per process: every connection goes to gateway 1 itself.
+    let gateway = server.gateway_addr(1);
+    let api = server.gateway_api(1);
+    let requests = |n: usize| format!("/rooms/0?n={n}");
+
+    // Per address: three connections are admitted, and a connection is counted once, however
+    // many requests it carries.
+    let mut first = RawHttp::connect(&gateway, Some(loopback(2, 1))).await;
+    for n in 0..5 {
+        let answer = first.get(&requests(n), "").await.expect("an answer");
+        assert_eq!(
+            answer.status, 400,
+            "an admitted request reaches the API: {answer:?}"
+        );
+    }
+    for n in 0..2 {
+        let mut conn = RawHttp::connect(&gateway, Some(loopback(2, 1))).await;
+        let answer = conn.get(&requests(n), "").await.expect("an answer");
+        assert_eq!(answer.status, 400, "{answer:?}");
+    }
+    // The fourth, a plain request or a WebSocket upgrade alike, is refused with 429 and closed.
+    for (path, headers) in [("/rooms/0", ""), ("/ws", UPGRADE_HEADERS)] {
+        let mut conn = RawHttp::connect(&gateway, Some(loopback(2, 1))).await;
+        let answer = conn.get(path, headers).await.expect("an answer");
+        assert_eq!(
+            answer.status, 429,
+            "GET {path} over the address's rate: {answer:?}"
+        );
+        assert_eq!(answer.json()["code"], json!(429), "{answer:?}");
+        assert!((1..=10).contains(&retry_after(&answer)), "{answer:?}");
+        assert!(conn.closed_within(WAIT).await, "a refused connection is closed");
+    }
+    // The first connection stays admitted.
+    let answer = first.get(&requests(9), "").await.expect("an answer");
+    assert_eq!(answer.status, 400, "{answer:?}");
+
+    // Per gateway: 3 of its 10 went to that address; 7 more addresses get one each, then 503.
+    let mut admitted = 0;
+    let refused = loop {
+        assert!(admitted <= 10, "the gateway admitted more than --conn-burst 10");
+        let mut conn = RawHttp::connect(&gateway, Some(loopback(3, admitted + 1))).await;
+        let answer = conn.get("/rooms/0", "").await.expect("an answer");
+        if answer.status != 400 {
+            break answer;
+        }
+        admitted += 1;
+    };
+    assert_eq!(refused.status, 503, "over the gateway's rate: {refused:?}");
+    assert_eq!(refused.json()["code"], json!(503), "{refused:?}");
+    assert!((1..=10).contains(&retry_after(&refused)), "{refused:?}");
+    // One more token may have come back if the machine was slow (one per 10 s).
+    assert!((7..=8).contains(&admitted), "admitted {admitted} of the 7 left");
+    let mut upgrade = RawHttp::connect(&gateway, Some(loopback(4, 1))).await;
+    let answer = upgrade.get("/ws", UPGRADE_HEADERS).await.expect("an answer");
+    assert_eq!(
+        answer.status, 503,
+        "an upgrade over the gateway's rate: {answer:?}"
+    );
+
+    // Probes are never refused, so a load balancer keeps the gateway in rotation.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let mut conn = RawHttp::connect(&gateway, Some(loopback(4, 2))).await;
+        let answer = conn.get(path, "").await.expect("an answer");
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+    }
+    let refusals = |reason: &str| format!("chatoy_http_refused_total{{reason=\"{reason}\"}}");
+    assert_eq!(api.metric(&refusals("conn_rate_ip")).await, Some(2.0));
+    assert_eq!(api.metric(&refusals("conn_rate")).await, Some(2.0));
+}
+
+/// `POST /login` on `base` with an `X-Forwarded-For` (if any): status, `Retry-After`, body.
+async fn login_from(
+    http: &reqwest::Client,
+    base: &str,
+    username: &str,
+    password: &str,
+    forwarded: Option<&str>,
+) -> (u16, Option<u64>, Value) {
+    let mut request = http
+        .post(format!("{base}/login"))
+        .json(&json!({"username": username, "password": password}));
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    let response = request.send().await.expect("POST /login");
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, retry, body)
+}
+
+#[tokio::test]
+async fn failed_logins_lock_the_username_and_the_address() {
+    let server = Server::start_with(&[
+        "--login-failures-per-user",
+        "3",
+        "--login-failures-per-ip",
+        "5",
+        "--login-lockout",
+        "3s",
+        "--client-ip-header",
+        "X-Forwarded-For",
+    ])
+    .await;
+    // The counts are per process: every login goes to gateway 1 itself.
+    let api = server.gateway_api(1);
+    let base = format!("http://{}", server.gateway_addr(1));
+    let http = reqwest::Client::builder().timeout(WAIT).build().expect("client");
+    let alice = format!("alice_{}", random_hex(6));
+    let bob = format!("bob_{}", random_hex(6));
+    api.register(&alice).await;
+    api.register(&bob).await;
+    let login = |username: &str, password: &str, forwarded: Option<&str>| {
+        let (http, base) = (http.clone(), base.clone());
+        let (username, password) = (username.to_owned(), password.to_owned());
+        let forwarded = forwarded.map(str::to_owned);
+        async move { login_from(&http, &base, &username, &password, forwarded.as_deref()).await }
+    };
+
+    // Three wrong passwords for alice, from two addresses: 401 each.
+    for from in ["10.0.0.1", "10.0.0.2", "10.0.0.1"] {
+        let (status, _, body) = login(&alice, "wrong password", Some(from)).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    // Now alice is locked from everywhere, even with the right password: 429, no token.
+    let (status, retry, body) = login(&alice, PASSWORD, Some("10.0.0.3")).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], json!(429));
+    assert_eq!(body["user"], Value::Null);
+    assert!(!body["msg"].as_str().unwrap_or_default().is_empty(), "{body}");
+    assert!(
+        retry.is_some_and(|secs| (1..=3).contains(&secs)),
+        "Retry-After {retry:?}"
+    );
+    // Bob is not: the lock is per username.
+    let (status, _, body) = login(&bob, PASSWORD, Some("10.0.0.1")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // 10.0.0.1 has 2 failures; 3 more (for names that need not exist) lock the address.
+    for name in ["nobody_1", "nobody_2", "x"] {
+        let (status, _, body) = login(name, "wrong password", Some("10.0.0.1")).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, retry, body) = login(&bob, PASSWORD, Some("10.0.0.1")).await;
+    assert_eq!(status, 429, "the address is locked: {body}");
+    assert!(retry.is_some(), "Retry-After on a locked address");
+    // The proxy's last entry is the client: an earlier one is whatever the client claimed.
+    let (status, _, body) = login(&bob, PASSWORD, Some("10.0.0.7, 10.0.0.1")).await;
+    assert_eq!(status, 429, "{body}");
+    let (status, _, body) = login(&bob, PASSWORD, Some("10.0.0.1, 10.0.0.7")).await;
+    assert_eq!(status, 200, "another address: {body}");
+    // Without the header the TCP peer is the address.
+    let (status, _, body) = login(&bob, PASSWORD, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        api.metric("chatoy_http_refused_total{reason=\"login_locked\"}")
+            .await,
+        Some(3.0)
+    );
+
+    // The lock ends --login-lockout after the last failure; refused attempts do not extend it.
+    let token = within(WAIT, "alice's lock to end", async {
+        loop {
+            let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.4")).await;
+            if status == 200 {
+                break body["msg"].as_str().expect("token").to_owned();
+            }
+            assert_eq!(status, 429, "{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert_eq!(api.get("/rooms/me", Some(&token)).await.status, 200);
+}
+
+#[tokio::test]
+async fn slow_and_oversized_http_requests() {
+    let server = Server::start_with(&[
+        "--http-timeout",
+        "2s",
+        "--max-header-size",
+        "8192",
+        "--max-body-size",
+        "2048",
+    ])
+    .await;
+    let gateway = server.gateway_addr(1);
+
+    // Slowloris: request headers at one byte per second are cut off at --http-timeout (2 s, not
+    // the default 10 s), without an answer.
+    let mut slow = RawHttp::connect(&gateway, None).await;
+    let started = Instant::now();
+    assert!(
+        slow.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            .await
+    );
+    let closed = loop {
+        if slow.closed_within(Duration::from_secs(1)).await {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "headers trickled for 8 s and the connection is still open"
+        );
+        // A write may fail once the server is gone; the next read then sees the end.
+        let _ = slow.send(b"a").await;
+    };
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed after {closed:?}, before the timeout"
+    );
+    assert!(
+        slow.response(WAIT).await.is_none(),
+        "no answer to an incomplete request"
+    );
+
+    // A body that trickles is answered 408 at --http-timeout, and the connection is closed.
+    let mut trickle = RawHttp::connect(&gateway, None).await;
+    let started = Instant::now();
+    assert!(
+        trickle
+            .send(
+                b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                  Content-Length: 100\r\n\r\n{"
+            )
+            .await
+    );
+    let answer = within(Duration::from_secs(8), "the 408", async {
+        loop {
+            let _ = trickle.send(b" ").await;
+            if let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), trickle.response(WAIT)).await {
+                break answer;
+            }
+        }
+    })
+    .await
+    .expect("an answer to the trickling body");
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(answer.json(), json!({"code": 408, "msg": answer.json()["msg"]}));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "408 before the timeout"
+    );
+    assert!(trickle.closed_within(WAIT).await, "closed after the 408");
+
+    // Request heads up to --max-header-size (8 KiB) are served; larger ones get 431 and the
+    // connection is closed (the default, 16 KiB, is in http_api.rs).
+    let mut small = RawHttp::connect(&gateway, None).await;
+    let pad = format!("X-Pad: {}\r\n", "p".repeat(7000));
+    assert_eq!(small.get("/healthz", &pad).await.expect("an answer").status, 200);
+    let mut big = RawHttp::connect(&gateway, None).await;
+    let pad = format!("X-Pad: {}\r\n", "p".repeat(9000));
+    let answer = big.get("/healthz", &pad).await.expect("an answer");
+    assert_eq!(answer.status, 431, "{answer:?}");
+    assert!(big.closed_within(WAIT).await, "closed after the 431");
+    let mut many = RawHttp::connect(&gateway, None).await;
+    let pad: String = (0..200).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let answer = many.get("/healthz", &pad).await.expect("an answer");
+    assert_eq!(answer.status, 431, "200 header lines: {answer:?}");
+
+    // Bodies up to --max-body-size (2 KiB here, 64 KiB by default) are read; one byte more is 413.
+    let api = server.gateway_api(1);
+    let padded = |name: &str, len: usize| {
+        let mut body = json!({"username": name, "password": PASSWORD})
+            .to_string()
+            .into_bytes();
+        body.resize(len, b' ');
+        body
+    };
+    let name = format!("fits_{}", random_hex(6));
+    api.raw(reqwest::Method::POST, "/users", None, Some(padded(&name, 2048)))
+        .await
+        .assert_ok(201);
+    let name = format!("over_{}", random_hex(6));
+    api.raw(reqwest::Method::POST, "/users", None, Some(padded(&name, 2049)))
+        .await
+        .assert_error(413);
 }

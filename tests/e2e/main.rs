@@ -13,4 +13,5 @@ mod malformed;
 mod minicluster;
 mod restart;
 mod resume;
+mod security;
 mod websocket;

@@ -64,6 +64,10 @@ pub(crate) struct Spec {
     pub(crate) gateways: usize,
     /// Extra flags of every gateway (the test's flags).
     pub(crate) gateway_flags: Vec<String>,
+    /// Another NATS than the shared one, for every process.
+    pub(crate) nats_url: Option<String>,
+    /// Gateways (1-based) that reach NATS at another URL (a proxy a test can cut).
+    pub(crate) gateway_nats: Vec<(usize, String)>,
 }
 
 impl Spec {
@@ -73,7 +77,21 @@ impl Spec {
             routers,
             gateways,
             gateway_flags: flags.iter().map(|flag| flag.to_string()).collect(),
+            nats_url: None,
+            gateway_nats: Vec::new(),
         }
+    }
+
+    /// Every process uses the NATS at `url` instead of the shared one.
+    pub(crate) fn nats(mut self, url: &str) -> Spec {
+        self.nats_url = Some(url.to_owned());
+        self
+    }
+
+    /// Gateway `n` reaches NATS at `url` (which leads to the cluster's NATS).
+    pub(crate) fn gateway_nats(mut self, n: usize, url: &str) -> Spec {
+        self.gateway_nats.push((n, url.to_owned()));
+        self
     }
 }
 
@@ -110,6 +128,7 @@ pub(crate) struct Cluster {
     keyspace: String,
     prefix: String,
     gateway_flags: Vec<String>,
+    gateway_nats: Vec<(usize, String)>,
     routers: Vec<Process>,
     gateways: Vec<Process>,
     /// The HAProxy's port (fixed for the cluster's life).
@@ -142,8 +161,13 @@ impl Cluster {
     /// Starts the processes of `spec` on an already migrated keyspace, with a fresh NATS
     /// prefix. The keyspace is dropped with the cluster.
     pub(crate) async fn start_on(keyspace: &str, spec: Spec) -> Cluster {
+        let mut services = Services::from_env();
+        if let Some(url) = &spec.nats_url {
+            services.nats_url = url.clone();
+        }
         let mut cluster = Cluster {
-            services: Services::from_env(),
+            services,
+            gateway_nats: spec.gateway_nats,
             keyspace: keyspace.to_owned(),
             prefix: format!("e2e{}", random_hex(12)),
             gateway_flags: spec.gateway_flags,
@@ -206,8 +230,17 @@ impl Cluster {
     }
 
     fn gateway_process(&self) -> Process {
-        let name = format!("gateway-{}", self.gateways.len() + 1);
+        let n = self.gateways.len() + 1;
+        let name = format!("gateway-{n}");
         let mut args = self.common_args("gateway", &name);
+        if let Some((_, url)) = self.gateway_nats.iter().find(|(gateway, _)| *gateway == n) {
+            let at = args
+                .iter()
+                .position(|arg| arg == "--nats-url")
+                .expect("--nats-url")
+                + 1;
+            args[at] = url.clone();
+        }
         args.extend(crate::harness::FAST_ARGON2.map(String::from));
         args.extend(self.gateway_flags.iter().cloned());
         Process::new(&name, args, self.dir.path().join(format!("{name}.log")))
@@ -366,6 +399,16 @@ impl Cluster {
     /// SIGTERMs every running router at once and waits for them.
     pub(crate) async fn terminate_routers(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
         terminate_each(&mut self.routers, limit).await
+    }
+
+    /// SIGKILLs gateway `n`.
+    pub(crate) async fn kill_gateway(&mut self, n: usize) {
+        self.gateways[n - 1].kill().await;
+    }
+
+    /// SIGTERMs gateway `n` and waits (at most `limit`) for it to drain and exit.
+    pub(crate) async fn terminate_gateway(&mut self, n: usize, limit: Duration) -> ExitStatus {
+        self.gateways[n - 1].terminate(limit).await
     }
 
     /// SIGKILLs router `n`.

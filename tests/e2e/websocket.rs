@@ -213,6 +213,11 @@ async fn auth_deadline_closes_1008() {
         waited >= Duration::from_millis(900),
         "closed after {waited:?}, before the 1 s deadline"
     );
+    // The flag set the deadline: the default is 10 s.
+    assert!(
+        waited < Duration::from_secs(6),
+        "closed after {waited:?}: not the --auth-timeout of 1 s"
+    );
     // The deadline does not apply to a socket that authenticated in time.
     authed.send_ok(&new_uuid(), room, "in time").await;
 }

@@ -185,7 +185,7 @@ impl Registry {
         let _ = ready.send(true);
         while let Some(delivery) = subscription.next().await {
             match delivery {
-                Delivery::Event(event) => last = Some(self.on_event(room, &members, last, event).await),
+                Delivery::Event(event) => last = self.on_event(room, &members, last, event).await,
                 Delivery::Gap => {
                     self.metrics.bus_gaps.inc();
                     last = Some(
@@ -198,7 +198,7 @@ impl Registry {
     }
 
     /// Fans out one event of the room whose last fanned-out `sent` is `last`; returns the new
-    /// last. One sequencer per room publishes in `sent` order, naming the previous message:
+    /// last (still `None` if nothing was fanned out yet). One sequencer per room publishes in `sent` order, naming the previous message:
     /// anything not newer than `last` was already delivered (by gap recovery), and an event
     /// that does not follow `last` reveals a hole, filled from the store first.
     async fn on_event(
@@ -207,20 +207,20 @@ impl Registry {
         members: &Members,
         last: Option<Timestamp>,
         event: RoomEvent,
-    ) -> Timestamp {
+    ) -> Option<Timestamp> {
         match (last, event.prev) {
-            (Some(last), _) if event.sent <= last => last,
-            // A message published again (a retried uuid) that this feed cannot place: everything
-            // this feed's sockets have was delivered after it subscribed, or through `since`.
-            (None, None) => event.sent,
+            (Some(last), _) if event.sent <= last => Some(last),
+            // A message published again (a retried uuid) that this feed cannot place: what its
+            // sockets have came after it subscribed, or through `since`.
+            (None, None) => None,
             (Some(last), prev) if prev != Some(last) => {
                 self.metrics.bus_gaps.inc();
-                self.recover(room, members, last, Some(event)).await
+                Some(self.recover(room, members, last, Some(event)).await)
             }
             _ => {
                 let sent = event.sent;
                 self.fan_out(members, event);
-                sent
+                Some(sent)
             }
         }
     }

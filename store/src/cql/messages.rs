@@ -8,15 +8,22 @@
 //! not exist) has no buckets, so its reads are empty. A listed bucket without messages (its
 //! writer died after recording it) is just skipped.
 //!
+//! A batch's messages are written concurrently; `room_heads` then records, per room, the newest
+//! `sent` up to which everything is stored, and reads stop at the head. So `since` (the resume
+//! seam, a gateway's gap recovery) never sees a later message of a batch without an earlier one,
+//! which would make the reader skip the earlier one for good.
+//!
 //! An insert first claims `(room_id, uuid)` in `message_ids` with `INSERT … IF NOT EXISTS`, so
 //! of several concurrent inserts of one uuid exactly one wins; the winner records the bucket and
 //! writes the row. A loser reads the winner's row back (at the claimed `sent`) and reports it as
 //! the duplicate.
 //!
-//! Repair: if the claimed row is missing, its writer died between the claim and the row (or is
-//! still between them). By idempotency the request in hand is the same message, so the loser
-//! writes the row itself from the claim (`sent`, `sender`) and its own content, with
-//! `IF NOT EXISTS` so that it never overwrites a row the original writer got in first. It does
+//! Repair: if the claimed row is missing, its writer died between the claim and the row (the
+//! message was never acknowledged: the answer follows both writes). By idempotency the request
+//! in hand is the same message, so the loser moves the claim to the `sent` its router gives the
+//! message now (`UPDATE … IF sent = <claimed>`), deletes any half-written row at the old `sent`
+//! and writes the row at the new one: the message is stored as new, after everything already
+//! delivered in the room, instead of back-dated among messages members already have. It does
 //! so only when the senders agree: another user's content is never stored under a claim, and
 //! such a request gets back a duplicate carrying the claim's sender, which callers refuse.
 
@@ -71,11 +78,6 @@ impl<'a> BucketWalk<'a> {
     /// The room's buckets `<= bucket`.
     fn at_most(store: &'a CqlStore, room: u64, bucket: i64) -> Self {
         Self::new(store, &store.statements.buckets_at_most, (room as i64, bucket))
-    }
-
-    /// The room's buckets `>= bucket`.
-    fn at_least(store: &'a CqlStore, room: u64, bucket: i64) -> Self {
-        Self::new(store, &store.statements.buckets_at_least, (room as i64, bucket))
     }
 
     fn new(store: &'a CqlStore, statement: &'a PreparedStatement, values: (i64, i64)) -> Self {
@@ -171,6 +173,23 @@ impl CqlStore {
             .buffered(INSERT_CONCURRENCY)
             .try_collect()
             .await?;
+        // The whole batch is stored: make it visible to readers, room by room.
+        let mut heads: HashMap<u64, i64> = HashMap::new();
+        for (index, outcome) in firsts.iter().zip(&outcomes) {
+            if matches!(outcome, InsertOutcome::Inserted) {
+                let message = &batch[*index];
+                let head = heads.entry(message.room).or_insert(message.sent.0);
+                *head = (*head).max(message.sent.0);
+            }
+        }
+        let advances: Vec<_> = heads
+            .into_iter()
+            .map(|(room, sent)| self.advance_head(room, sent))
+            .collect();
+        stream::iter(advances)
+            .buffer_unordered(INSERT_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
         let by_first: HashMap<usize, InsertOutcome> = firsts.into_iter().zip(outcomes).collect();
         let mut result = Vec::with_capacity(batch.len());
         for (index, message) in batch.iter().enumerate() {
@@ -250,31 +269,44 @@ impl CqlStore {
             // Not the same message after all: report the claim, write nothing.
             return Ok(InsertOutcome::Duplicate(as_claimed));
         }
-        // The claim has no row: its writer died, or is still between its two writes. Repair it
-        // (see the module documentation); in the second case both write the same message.
+        // The claim has no row: its writer died between its two writes, and never acknowledged
+        // the message. Take the claim over at the `sent` the router gives the message now, so
+        // that it is stored (and delivered) after everything already delivered in the room.
         tracing::info!(
             room = message.room,
             uuid = %message.uuid,
-            sent,
-            "writing the row of a claimed message that has none"
+            claimed = sent,
+            sent = message.sent.0,
+            "storing a message whose claim has no row"
         );
-        self.record_bucket(message.room, bucket).await?;
-        let repaired = lwt(
+        let moved = lwt(
             &self.session,
-            &self.statements.message_repair,
-            (room, bucket, sent, message.uuid, sender, content),
+            &self.statements.message_reclaim,
+            (message.sent.0, sender, room, message.uuid, sent),
         )
         .await?;
-        if repaired.applied {
-            return Ok(InsertOutcome::Duplicate(as_claimed));
-        }
-        match self.message_at(message.room, bucket, sent, message.uuid).await? {
-            Some(existing) => Ok(InsertOutcome::Duplicate(existing)),
-            None => Err(CqlError::Inconsistent(format!(
-                "message {} at sent {sent} is neither stored nor writable",
+        if !moved.applied {
+            return Err(CqlError::Inconsistent(format!(
+                "the claim of message {} changed while it was being repaired",
                 message.uuid
-            ))),
+            )));
         }
+        // A row its writer may have half written at the old `sent` must not come back.
+        write(
+            &self.session,
+            &self.statements.message_delete,
+            (room, bucket, sent),
+        )
+        .await?;
+        let bucket = self.bucket(message.sent.0);
+        self.record_bucket(message.room, bucket).await?;
+        write(
+            &self.session,
+            &self.statements.message_insert,
+            (room, bucket, message.sent.0, message.uuid, sender, content),
+        )
+        .await?;
+        Ok(InsertOutcome::Inserted)
     }
 
     /// The message stored at `sent`, checked to be the one with `uuid`.
@@ -295,19 +327,61 @@ impl CqlStore {
         }
     }
 
-    /// Up to `limit` messages with `sent < before`, newest first.
+    /// The room's head: the newest `sent` up to which every message is completely stored, or
+    /// `None` for a room that has none recorded (created before heads existed: unbounded).
+    async fn head(&self, room: u64) -> CqlResult<Option<i64>> {
+        let head: Option<(Option<i64>,)> =
+            read_one(&self.session, &self.statements.head_read, (room as i64,)).await?;
+        Ok(head.and_then(|(sent,)| sent))
+    }
+
+    /// Records that every message of `room` up to `sent` is stored (after a batch). Written by
+    /// the room's one sequencer, so it only grows.
+    pub(super) async fn advance_head(&self, room: u64, sent: i64) -> CqlResult<()> {
+        write(&self.session, &self.statements.head_write, (sent, room as i64)).await
+    }
+
+    /// Up to `limit` messages with `sent < before` (and not past the head), newest first.
     pub(super) async fn history_of(&self, room: u64, before: i64, limit: usize) -> CqlResult<Vec<Message>> {
+        let before = match self.head(room).await? {
+            Some(head) => before.min(head.saturating_add(1)),
+            None => before,
+        };
         let buckets = BucketWalk::at_most(self, room, self.bucket(before));
         self.newest_first(room, buckets, &self.statements.messages_before, before, limit)
             .await
     }
 
-    /// The newest `limit` messages with `sent > after`, oldest first.
+    /// The newest `limit` messages with `sent > after` and not past the head, oldest first. A
+    /// batch being written becomes visible at once, when its head is recorded: a reader never
+    /// sees a later message of a batch without an earlier one.
     pub(super) async fn since_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<Vec<Message>> {
-        let buckets = BucketWalk::at_least(self, room, self.bucket(after));
-        let mut messages = self
-            .newest_first(room, buckets, &self.statements.messages_after, after, limit)
+        let head = self.head(room).await?.unwrap_or(i64::MAX);
+        let mut messages = Vec::new();
+        if limit == 0 || head <= after {
+            return Ok(messages);
+        }
+        let mut buckets = BucketWalk::at_most(self, room, self.bucket(head));
+        let floor = self.bucket(after);
+        while messages.len() < limit {
+            let Some(bucket) = buckets.next().await? else {
+                break;
+            };
+            if bucket < floor {
+                break;
+            }
+            let want = cql_limit(limit - messages.len());
+            let rows: Vec<MessageRow> = read_all(
+                &self.session,
+                &self.statements.messages_between,
+                (room as i64, bucket, after, head, want),
+            )
             .await?;
+            for row in rows {
+                messages.push(message_from_row(room, row)?);
+            }
+        }
+        messages.truncate(limit);
         messages.reverse();
         Ok(messages)
     }

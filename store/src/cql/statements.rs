@@ -39,14 +39,16 @@ pub(crate) struct Statements {
     pub(crate) message_claim: PreparedStatement,
     pub(crate) message_claim_read: PreparedStatement,
     pub(crate) message_insert: PreparedStatement,
-    pub(crate) message_repair: PreparedStatement,
+    pub(crate) message_reclaim: PreparedStatement,
+    pub(crate) messages_between: PreparedStatement,
+    pub(crate) head_read: PreparedStatement,
+    pub(crate) head_write: PreparedStatement,
+    pub(crate) message_delete: PreparedStatement,
     pub(crate) message_at: PreparedStatement,
     pub(crate) messages_before: PreparedStatement,
-    pub(crate) messages_after: PreparedStatement,
     pub(crate) newest_sent: PreparedStatement,
     pub(crate) bucket_insert: PreparedStatement,
     pub(crate) buckets_at_most: PreparedStatement,
-    pub(crate) buckets_at_least: PreparedStatement,
 
     pub(crate) id_block_create: PreparedStatement,
     pub(crate) id_block_take: PreparedStatement,
@@ -96,12 +98,6 @@ impl Statements {
         )
         .await?;
         buckets_at_most.set_page_size(BUCKET_PAGE_SIZE);
-        let mut buckets_at_least = prepare(
-            s("SELECT bucket FROM message_buckets WHERE room_id = ? AND bucket >= ?"),
-            Kind::Read,
-        )
-        .await?;
-        buckets_at_least.set_page_size(BUCKET_PAGE_SIZE);
         Ok(Statements {
             ping: prepare(
                 s("SELECT release_version FROM system.local WHERE key = 'local'"),
@@ -201,12 +197,24 @@ impl Statements {
                 Kind::Write,
             )
             .await?,
-            message_repair: prepare(
-                s(
-                    "INSERT INTO messages (room_id, bucket, sent, uuid, sender, content, modified)
-                   VALUES (?, ?, ?, ?, ?, ?, false) IF NOT EXISTS",
-                ),
+            message_reclaim: prepare(
+                s("UPDATE message_ids SET sent = ?, sender = ? WHERE room_id = ? AND uuid = ? IF sent = ?"),
                 Kind::Lwt(local_serial),
+            )
+            .await?,
+            messages_between: prepare(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE room_id = ? AND bucket = ? AND sent > ? AND sent <= ? LIMIT ?"
+                ),
+                Kind::Read,
+            )
+            .await?,
+            head_read: prepare(s("SELECT sent FROM room_heads WHERE room_id = ?"), Kind::Read).await?,
+            head_write: prepare(s("UPDATE room_heads SET sent = ? WHERE room_id = ?"), Kind::Write).await?,
+            message_delete: prepare(
+                s("DELETE FROM messages WHERE room_id = ? AND bucket = ? AND sent = ?"),
+                Kind::Write,
             )
             .await?,
             message_at: prepare(
@@ -224,14 +232,6 @@ impl Statements {
                 Kind::Read,
             )
             .await?,
-            messages_after: prepare(
-                format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages
-                     WHERE room_id = ? AND bucket = ? AND sent > ? LIMIT ?"
-                ),
-                Kind::Read,
-            )
-            .await?,
             newest_sent: prepare(
                 s("SELECT sent FROM messages WHERE room_id = ? AND bucket = ? LIMIT 1"),
                 Kind::Read,
@@ -243,7 +243,6 @@ impl Statements {
             )
             .await?,
             buckets_at_most,
-            buckets_at_least,
 
             id_block_create: prepare(
                 s("INSERT INTO id_blocks (name, next) VALUES (?, ?) IF NOT EXISTS"),

@@ -1,0 +1,16 @@
+//! The fault suite (issue 4): every acknowledged message reaches every member across killed
+//! gateways and routers, a NATS restart, a gateway cut from NATS, a rolling restart and a
+//! Cassandra outage. Needs the shared Cassandra of the test command (`CHATOY_CQL_NODES`,
+//! `CHATOY_SERVICES_RUN_DIR`); starts its own nats-server. See `suite.rs`.
+
+// The end-to-end fixtures; the suite uses only part of them.
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "../e2e/minicluster.rs"]
+mod minicluster;
+
+mod client;
+mod proxy;
+mod suite;

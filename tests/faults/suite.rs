@@ -1,0 +1,655 @@
+//! The fault suite: for each fault, a fresh cluster (2 routers, 3 gateways, HAProxy, a private
+//! nats-server, the shared Cassandra), members that send at a steady rate across four rooms and
+//! reconnect as real clients do, the fault in the middle of the load, then the checker. Prints
+//! one table row per fault and fails if any row lost or duplicated anything.
+//!
+//! `CHATOY_FAULTS=kill-router,restart-nats` runs only those faults; `CHATOY_FAULT_LOAD_SECS`
+//! (default 4) is how long the load runs before the fault and again after it heals.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::client::{self, Control, Member, MemberSpec, Seen};
+use crate::harness::{run_command, Api, TempDir};
+use crate::minicluster::{Cluster, Spec};
+use crate::proxy::TcpProxy;
+
+const ROOMS: usize = 4;
+const SENDERS: usize = 8;
+const GATEWAYS: usize = 3;
+/// Messages per second per sender: 8 × 30 = 240 msg/s in all.
+const RATE: f64 = 30.0;
+const WINDOW: usize = 32;
+/// The gateway whose NATS connection goes through the proxy.
+const CUT_GATEWAY: usize = 3;
+/// Longest wait for every message to be answered, and for every member to catch up.
+const SETTLE_LIMIT: Duration = Duration::from_secs(90);
+
+const GATEWAY_FLAGS: [&str; 8] = [
+    "--send-timeout",
+    "2s",
+    "--msg-rate",
+    "10000",
+    "--msg-burst",
+    "10000",
+    "--drain-timeout",
+    "5s",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillGateway,
+    KillRouter,
+    CutGatewayNats,
+    RollingRestart,
+    RestartNats,
+    CassandraDown,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::KillGateway,
+    Fault::KillRouter,
+    Fault::CutGatewayNats,
+    Fault::RollingRestart,
+    Fault::RestartNats,
+    // Last: it stops the shared Cassandra.
+    Fault::CassandraDown,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillGateway => "kill-gateway",
+            Fault::KillRouter => "kill-router",
+            Fault::CutGatewayNats => "cut-gateway-nats",
+            Fault::RollingRestart => "rolling-restart",
+            Fault::RestartNats => "restart-nats",
+            Fault::CassandraDown => "cassandra-down",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Fault::KillGateway => "SIGKILL gateway 1 (restarted 3 s later)",
+            Fault::KillRouter => "SIGKILL router 1 (restarted 3 s later)",
+            Fault::CutGatewayNats => "gateway 3 cut from NATS for 5 s, sockets open",
+            Fault::RollingRestart => "SIGTERM and restart each gateway in turn",
+            Fault::RestartNats => "restart nats-server",
+            Fault::CassandraDown => "stop Cassandra for 10 s, then start it",
+        }
+    }
+}
+
+/// One row of the table.
+struct Row {
+    fault: Fault,
+    acked: usize,
+    stored_unacked: usize,
+    rate: f64,
+    lost: usize,
+    duplicates: usize,
+    disorder: usize,
+    catch_up: Option<Duration>,
+    reconnects: usize,
+    resends: usize,
+    codes: String,
+    violations: Vec<String>,
+}
+
+impl Row {
+    fn passed(&self) -> bool {
+        self.lost == 0 && self.duplicates == 0 && self.disorder == 0 && self.violations.is_empty()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_suite() {
+    let wanted: Option<HashSet<String>> = std::env::var("CHATOY_FAULTS")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let load_secs: u64 = std::env::var("CHATOY_FAULT_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let nats = PrivateNats::start().await;
+    let mut rows = Vec::new();
+    for fault in FAULTS {
+        if wanted.as_ref().is_some_and(|w| !w.contains(fault.name())) {
+            continue;
+        }
+        eprintln!("== {}: {}", fault.name(), fault.describe());
+        let row = run_fault(fault, &nats, Duration::from_secs(load_secs)).await;
+        eprintln!("{}", table(std::slice::from_ref(&row)));
+        rows.push(row);
+    }
+    assert!(!rows.is_empty(), "CHATOY_FAULTS named no known fault");
+    let table = table(&rows);
+    println!("\n{table}");
+    if let Ok(dir) = std::env::var("CARGO_TARGET_TMPDIR") {
+        let _ = std::fs::write(Path::new(&dir).join("fault-table.md"), &table);
+    }
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|row| !row.passed())
+        .map(|row| format!("{}: {:?}", row.fault.name(), row.violations))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "faults that lost, duplicated or misordered: {failed:#?}"
+    );
+}
+
+async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
+    let proxy = TcpProxy::start(nats.addr).await;
+    // One router first: the rooms' partitions get pinned to it once the load begins, and the
+    // second, added then, stands by (so killing router 1 interrupts the rooms' sequencer).
+    let spec = Spec::new(1, GATEWAYS, &GATEWAY_FLAGS)
+        .nats(&nats.url)
+        .gateway_nats(CUT_GATEWAY, &proxy.nats_url());
+    let mut cluster = Cluster::start(spec).await;
+    let api = cluster.api();
+    let host = api.new_user("host").await;
+    let mut rooms = Vec::new();
+    for r in 0..ROOMS {
+        rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
+    }
+    let start = chatoy_protocol::Timestamp::now().0;
+    let balanced = format!("ws://{}/ws", cluster.lb_addr());
+    let mut specs = Vec::new();
+    for i in 0..SENDERS {
+        let user = api.new_user(&format!("sender{i}")).await;
+        let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
+        for room in &mine {
+            api.join(&user.token, *room).await;
+        }
+        specs.push(MemberSpec {
+            label: format!("sender {i}"),
+            token: user.token,
+            rooms: mine,
+            first_url: cluster.ws_url(i % GATEWAYS + 1),
+            url: balanced.clone(),
+            rate: RATE,
+            window: WINDOW,
+            start,
+        });
+    }
+    for g in 1..=GATEWAYS {
+        let user = api.new_user(&format!("listener{g}")).await;
+        for room in &rooms {
+            api.join(&user.token, *room).await;
+        }
+        specs.push(MemberSpec {
+            label: format!("listener {g}"),
+            token: user.token,
+            rooms: rooms.clone(),
+            first_url: cluster.ws_url(g),
+            url: balanced.clone(),
+            rate: 0.0,
+            window: 0,
+            start,
+        });
+    }
+    let control = Arc::new(Control::default());
+    let members: Vec<Member> = specs
+        .into_iter()
+        .map(|spec| Member {
+            spec,
+            seen: Arc::new(Mutex::new(Seen::default())),
+        })
+        .collect();
+    let tasks: Vec<_> = members
+        .iter()
+        .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
+        .collect();
+    // Every member connected before the load starts.
+    wait_until(Duration::from_secs(30), "every member to connect", || {
+        members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
+    })
+    .await;
+
+    control.sending.store(true, Ordering::SeqCst);
+    let load_began = Instant::now();
+    wait_until(Duration::from_secs(30), "the first acknowledgements", || {
+        !acked_by_room(&members).is_empty()
+    })
+    .await;
+    cluster.add_router().await;
+    tokio::time::sleep(load.saturating_sub(load_began.elapsed())).await;
+    let healed = inject(fault, &mut cluster, &proxy, nats).await;
+    // Everything acknowledged when the fault healed: how long until every member has it
+    // (while the cluster is made whole again).
+    let snapshot = acked_by_room(&members);
+    let (catch_up, ()) = tokio::join!(
+        caught_up_after(&members, &snapshot, healed),
+        make_whole(fault, &mut cluster)
+    );
+    tokio::time::sleep(load).await;
+    control.sending.store(false, Ordering::SeqCst);
+    let load_secs = load_began.elapsed().as_secs_f64();
+    wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
+        members
+            .iter()
+            .all(|m| m.seen.lock().expect("seen").unanswered == 0)
+    })
+    .await;
+    let all = acked_by_room(&members);
+    let _ = caught_up_after(&members, &all, Instant::now()).await;
+    control.stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    let row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    if !row.passed() {
+        let path = std::env::temp_dir().join(format!("chatoy-fault-{}.log", fault.name()));
+        let _ = std::fs::write(&path, cluster.stderr());
+        eprintln!("{} failed; process logs in {}", fault.name(), path.display());
+    }
+    row
+}
+
+/// Injects the fault; returns when it healed (the moment clients can be whole again: at
+/// once for a killed process, whose clients and rooms move to the others).
+async fn inject(fault: Fault, cluster: &mut Cluster, proxy: &TcpProxy, nats: &PrivateNats) -> Instant {
+    match fault {
+        Fault::KillGateway => {
+            cluster.kill_gateway(1).await;
+            Instant::now()
+        }
+        Fault::KillRouter => {
+            cluster.kill_router(1).await;
+            Instant::now()
+        }
+        Fault::CutGatewayNats => {
+            proxy.cut();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            proxy.restore();
+            Instant::now()
+        }
+        Fault::RollingRestart => {
+            for n in 1..=GATEWAYS {
+                let status = cluster.terminate_gateway(n, Duration::from_secs(20)).await;
+                assert!(status.success(), "gateway {n} did not drain cleanly: {status}");
+                cluster.restart_stopped().await;
+            }
+            Instant::now()
+        }
+        Fault::RestartNats => {
+            nats_script(nats.run_dir.path(), "restart").await;
+            Instant::now()
+        }
+        Fault::CassandraDown => {
+            let mut cassandra = SharedCassandra::new();
+            cassandra.run("stop").await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            cassandra.run("start").await;
+            Instant::now()
+        }
+    }
+}
+
+/// Starts a killed process again, 3 s after the kill.
+async fn make_whole(fault: Fault, cluster: &mut Cluster) {
+    if matches!(fault, Fault::KillGateway | Fault::KillRouter) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.restart_stopped().await;
+    }
+}
+
+/// Every message answered code 0 so far, by room: uuid → sent.
+fn acked_by_room(members: &[Member]) -> HashMap<u64, HashMap<String, i64>> {
+    let mut rooms: HashMap<u64, HashMap<String, i64>> = HashMap::new();
+    for member in members {
+        for (uuid, (room, sent)) in &member.seen.lock().expect("seen").acked {
+            rooms.entry(*room).or_default().insert(uuid.clone(), *sent);
+        }
+    }
+    rooms
+}
+
+/// How long after `from` every member had every message of `want` in its rooms (its own
+/// excepted); `None` if that did not happen within the settle limit.
+async fn caught_up_after(
+    members: &[Member],
+    want: &HashMap<u64, HashMap<String, i64>>,
+    from: Instant,
+) -> Option<Duration> {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        let done = members.iter().all(|member| {
+            let seen = member.seen.lock().expect("seen");
+            member.spec.rooms.iter().all(|room| {
+                want.get(room).is_none_or(|messages| {
+                    messages
+                        .keys()
+                        .all(|uuid| seen.have.contains(uuid) || seen.acked.contains_key(uuid))
+                })
+            })
+        });
+        if done {
+            return Some(from.elapsed());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Compares what every member saw with what the senders saw acknowledged and with history.
+async fn check(
+    fault: Fault,
+    api: &Api,
+    token: &str,
+    rooms: &[u64],
+    members: &[Member],
+    load_secs: f64,
+    catch_up: Option<Duration>,
+) -> Row {
+    let mut violations = Vec::new();
+    let acked = acked_by_room(members);
+    let mut duplicates = 0;
+    let mut lost = 0;
+    let mut disorder = 0;
+    let mut stored_unacked = 0;
+    let mut histories: HashMap<u64, Vec<(String, i64)>> = HashMap::new();
+    for &room in rooms {
+        let history = full_history(api, token, room).await;
+        let mut stored: HashMap<&str, i64> = HashMap::new();
+        for (uuid, sent) in &history {
+            if stored.insert(uuid, *sent).is_some() {
+                duplicates += 1;
+            }
+        }
+        for pair in history.windows(2) {
+            if pair[0].1 >= pair[1].1 {
+                violations.push(format!("room {room}: history sent does not increase"));
+            }
+        }
+        let want = acked.get(&room).cloned().unwrap_or_default();
+        for (uuid, sent) in &want {
+            match stored.get(uuid.as_str()) {
+                None => {
+                    lost += 1;
+                    violations.push(format!("room {room}: acked {uuid} is not in history"));
+                }
+                Some(s) if s != sent => violations.push(format!(
+                    "room {room}: {uuid} acked and stored with different sent"
+                )),
+                Some(_) => {}
+            }
+        }
+        stored_unacked += history
+            .iter()
+            .filter(|(uuid, _)| !want.contains_key(uuid))
+            .count();
+        histories.insert(room, history);
+    }
+    let mut reconnects = 0;
+    let mut resends = 0;
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for member in members {
+        let seen = member.seen.lock().expect("seen");
+        reconnects += seen.connects.saturating_sub(1);
+        resends += seen.resends;
+        for (code, n) in &seen.codes {
+            *codes.entry(code.clone()).or_default() += n;
+        }
+        violations.extend(seen.violations.iter().cloned());
+        for room in &member.spec.rooms {
+            let history = &histories[room];
+            let sent_of: HashMap<&str, i64> = history.iter().map(|(u, s)| (u.as_str(), *s)).collect();
+            // The member's view: first arrival of each uuid, in arrival order (its own messages
+            // it knew of when they were acknowledged, and may get back later through `since`).
+            let mut firsts = Vec::new();
+            let mut once = HashSet::new();
+            for (uuid, r, sent) in &seen.received {
+                if r != room || seen.acked.contains_key(uuid) {
+                    continue;
+                }
+                match sent_of.get(uuid.as_str()) {
+                    Some(stored) if stored != sent => {
+                        duplicates += 1;
+                        violations.push(format!(
+                            "{}: {uuid} received with another sent",
+                            member.spec.label
+                        ));
+                    }
+                    None => violations.push(format!(
+                        "{}: received {uuid}, which is not stored",
+                        member.spec.label
+                    )),
+                    _ => {}
+                }
+                if once.insert(uuid.as_str()) {
+                    firsts.push(*sent);
+                }
+            }
+            if firsts.windows(2).any(|pair| pair[0] >= pair[1]) {
+                disorder += 1;
+                violations.push(format!(
+                    "{}: room {room} arrived out of sent order",
+                    member.spec.label
+                ));
+            }
+            for (at, (uuid, sent)) in history.iter().enumerate() {
+                if !once.contains(uuid.as_str()) && !seen.acked.contains_key(uuid) {
+                    lost += 1;
+                    if lost <= 20 {
+                        // Where the hole is in what the member got: the arrivals around it.
+                        let after = seen
+                            .received
+                            .iter()
+                            .position(|(_, r, s)| r == room && s > sent)
+                            .map_or("nothing later".to_owned(), |i| {
+                                format!(
+                                    "the next later one arrived as frame {i} of {}",
+                                    seen.received.len()
+                                )
+                            });
+                        violations.push(format!(
+                            "{}: room {room}: never got {uuid} (sent {}, {} of {} in the room; {after}; {} connects)",
+                            member.spec.label,
+                            client::rfc3339(*sent),
+                            at + 1,
+                            history.len(),
+                            seen.connects,
+                        ));
+                        violations.push(format!(
+                            "{}: connections (frames before, since): {:?}",
+                            member.spec.label, seen.connected_at
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let acked_count: usize = acked.values().map(HashMap::len).sum();
+    let mut codes: Vec<String> = codes.into_iter().map(|(code, n)| format!("{code}×{n}")).collect();
+    codes.sort();
+    Row {
+        fault,
+        acked: acked_count,
+        stored_unacked,
+        rate: acked_count as f64 / load_secs,
+        lost,
+        duplicates,
+        disorder,
+        catch_up,
+        reconnects,
+        resends,
+        codes: codes.join(" "),
+        violations,
+    }
+}
+
+/// A room's whole history, oldest first (paged with `before`).
+async fn full_history(api: &Api, token: &str, room: u64) -> Vec<(String, i64)> {
+    let mut newest_first = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = api.history(token, room, before.as_deref(), Some(200)).await;
+        let Some(oldest) = page.last() else { break };
+        before = Some(oldest["sent"].as_str().expect("sent").to_owned());
+        for message in &page {
+            newest_first.push((
+                message["uuid"].as_str().expect("uuid").to_owned(),
+                crate::harness::ts(message["sent"].as_str().expect("sent")),
+            ));
+        }
+    }
+    newest_first.reverse();
+    newest_first
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| fault | acked | msg/s | stored unacked | lost | duplicates | out of order | caught up after | reconnects | resends | codes seen |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.fault.name(),
+            row.acked,
+            row.rate,
+            row.stored_unacked,
+            row.lost,
+            row.duplicates,
+            row.disorder,
+            row.catch_up.map_or("not within 90 s".to_owned(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            )),
+            row.reconnects,
+            row.resends,
+            row.codes,
+        ));
+    }
+    out
+}
+
+async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The suite's own nats-server (so restarting it disturbs nothing else), from
+/// `deploy/local/nats` in a private run directory; stopped on drop.
+struct PrivateNats {
+    run_dir: TempDir,
+    url: String,
+    addr: std::net::SocketAddr,
+}
+
+impl PrivateNats {
+    async fn start() -> PrivateNats {
+        let run_dir = TempDir::new();
+        let output = nats_script(run_dir.path(), "start").await;
+        let url = output
+            .lines()
+            .find_map(|line| line.strip_prefix("NATS_URL="))
+            .unwrap_or_else(|| panic!("deploy/local/nats start printed no NATS_URL:\n{output}"))
+            .trim()
+            .to_owned();
+        let addr = url
+            .trim_start_matches("nats://")
+            .parse()
+            .unwrap_or_else(|err| panic!("NATS_URL {url}: {err}"));
+        PrivateNats { run_dir, url, addr }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = Command::new(script("nats"))
+            .arg("stop")
+            .env("CHATOY_RUN_DIR", self.run_dir.path())
+            .status();
+    }
+}
+
+async fn nats_script(run_dir: &Path, action: &str) -> String {
+    let mut command = Command::new(script("nats"));
+    command.arg(action).env("CHATOY_RUN_DIR", run_dir);
+    let log = run_dir.join(format!("nats-{action}.log"));
+    let (status, output) =
+        run_command(&mut command, &log, Duration::from_secs(300), "deploy/local/nats").await;
+    assert!(
+        status.success(),
+        "deploy/local/nats {action} failed ({status}):\n{output}"
+    );
+    output
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/local")
+        .join(name)
+}
+
+/// The test command's Cassandra (`CHATOY_SERVICES_RUN_DIR`); started again on drop if this
+/// suite stopped it and did not start it.
+struct SharedCassandra {
+    run_dir: PathBuf,
+    logs: TempDir,
+    stopped: bool,
+}
+
+impl SharedCassandra {
+    fn new() -> SharedCassandra {
+        let run_dir = std::env::var("CHATOY_SERVICES_RUN_DIR")
+            .ok()
+            .filter(|dir| !dir.trim().is_empty())
+            .unwrap_or_else(|| {
+                panic!(
+                    "CHATOY_SERVICES_RUN_DIR is not set: the cassandra-down fault stops and starts \
+                     the shared Cassandra and needs the run directory it was started with"
+                )
+            });
+        SharedCassandra {
+            run_dir: PathBuf::from(run_dir),
+            logs: TempDir::new(),
+            stopped: false,
+        }
+    }
+
+    async fn run(&mut self, action: &str) {
+        let mut command = Command::new(script("cassandra"));
+        command.arg(action).env("CHATOY_RUN_DIR", &self.run_dir);
+        let log = self.logs.path().join(format!("cassandra-{action}.log"));
+        let (status, output) = run_command(
+            &mut command,
+            &log,
+            Duration::from_secs(300),
+            "deploy/local/cassandra",
+        )
+        .await;
+        assert!(
+            status.success(),
+            "deploy/local/cassandra {action} failed ({status}):\n{output}"
+        );
+        self.stopped = action == "stop";
+    }
+}
+
+impl Drop for SharedCassandra {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = Command::new(script("cassandra"))
+                .arg("start")
+                .env("CHATOY_RUN_DIR", &self.run_dir)
+                .status();
+        }
+    }
+}
