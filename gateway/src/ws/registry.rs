@@ -227,9 +227,9 @@ impl Registry {
 
     /// After the bus may have lost events (reconnect, lagging subscriber, a router that died
     /// between storing and publishing), replays the room's stored messages newer than the last
-    /// one fanned out, then `event` (the one that revealed the hole) if the store did not have
-    /// it yet. If that cannot be done completely, the room's sockets are closed so their
-    /// clients resume with `since`.
+    /// one fanned out — up to `event`, the one that revealed the hole, if there is one — then
+    /// `event` itself if the store did not have it yet. If that cannot be done completely, the
+    /// room's sockets are closed so their clients resume with `since`.
     async fn recover(
         &self,
         room: u64,
@@ -244,8 +244,11 @@ impl Registry {
                     replayed = missed.len(),
                     "recovered missed messages from the store"
                 );
+                // Up to the event that revealed the hole: what follows it comes live, with its
+                // sending socket known.
+                let upto = event.as_ref().map_or(Timestamp(i64::MAX), |event| event.sent);
                 let mut newest = last;
-                for message in missed {
+                for message in missed.into_iter().take_while(|message| message.sent <= upto) {
                     newest = message.sent;
                     // The sending socket is known only for the event in hand; others get their
                     // own message back, which clients de-duplicate by uuid.
