@@ -144,9 +144,13 @@ impl<K: Hash + Eq> Failures<K> {
     }
 
     fn fail(&mut self, key: K, lockout: Duration, now: Instant) {
-        if now.saturating_duration_since(self.pruned) >= lockout.min(Duration::from_secs(60))
-            || self.entries.len() >= MAX_TRACKED
-        {
+        // When the map is full, prune at most once a second, not on every failure.
+        let every = if self.entries.len() >= MAX_TRACKED {
+            Duration::from_secs(1)
+        } else {
+            lockout.min(Duration::from_secs(60))
+        };
+        if now.saturating_duration_since(self.pruned) >= every {
             self.entries
                 .retain(|_, (_, last)| now.saturating_duration_since(*last) < lockout);
             self.pruned = now;

@@ -201,10 +201,15 @@ impl Admission {
             let (rate, burst) = (self.per_ip_rate, self.per_ip_burst);
             let mut addrs = self.addrs.lock();
             // A bucket refills completely within burst / rate; after that it can be dropped.
+            // When the map is full, prune at most once a second: a flood from many addresses
+            // must not make every connection walk the whole map.
             let refill = Duration::from_secs_f64((burst / rate).min(3600.0));
-            if addrs.buckets.len() >= MAX_TRACKED_ADDRS
-                || now.saturating_duration_since(addrs.pruned) >= refill.max(Duration::from_secs(10))
-            {
+            let every = if addrs.buckets.len() >= MAX_TRACKED_ADDRS {
+                Duration::from_secs(1)
+            } else {
+                refill.max(Duration::from_secs(10))
+            };
+            if now.saturating_duration_since(addrs.pruned) >= every {
                 addrs.buckets.retain(|_, bucket| {
                     bucket.refill(rate, burst, now);
                     bucket.tokens < burst
