@@ -470,9 +470,11 @@ async fn cql_pages_across_buckets(store: DynStore) {
 /// insert's `sent`, and only then.
 async fn cql_repairs_a_claim_without_its_row(fresh: Arc<FreshCql>, store: DynStore) {
     let orphan = uuid::Uuid::new_v4();
+    // Written an hour ago: its writer is long dead.
     let claim = format!(
-        "INSERT INTO {}.message_ids (room_id, uuid, sent, sender) VALUES (3, ?, 700, 4)",
-        fresh.config.keyspace
+        "INSERT INTO {}.message_ids (room_id, uuid, sent, sender) VALUES (3, ?, 700, 4) USING TIMESTAMP {}",
+        fresh.config.keyspace,
+        Timestamp::now().0 / 1_000 - 3_600_000_000
     );
     fresh.admin.query_unpaged(claim, (orphan,)).await.unwrap();
     // Another sender reusing the uuid gets the claim back (with its sender) and writes nothing.

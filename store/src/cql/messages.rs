@@ -18,8 +18,11 @@
 //! writes the row. A loser reads the winner's row back (at the claimed `sent`) and reports it as
 //! the duplicate.
 //!
-//! Repair: if the claimed row is missing, its writer died between the claim and the row (the
-//! message was never acknowledged: the answer follows both writes). By idempotency the request
+//! Repair: if the claimed row is missing, its writer is between the claim and the row, or died
+//! there (the message was never acknowledged: the answer follows both writes). The loser waits
+//! up to two seconds for the row; if the claim is younger than five seconds (`WRITETIME`) it
+//! gives up with an error (code 5: the client retries), else the writer is dead. By idempotency
+//! the request
 //! in hand is the same message, so the loser moves the claim to the `sent` its router gives the
 //! message now (`UPDATE … IF sent = <claimed>`), deletes any half-written row at the old `sent`
 //! and writes the row at the new one: the message is stored as new, after everything already
@@ -38,6 +41,12 @@ use uuid::Uuid;
 use super::exec::{collect_rows, lwt, read_all, read_one, write, CqlError, CqlResult};
 use super::CqlStore;
 use crate::{InsertOutcome, NewMessage};
+
+/// How long an insert that finds a claim without its row waits for the row to appear.
+const ROW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A claim without its row that was written at least this long ago (microseconds) belongs to
+/// a writer that died; a younger one may belong to a writer still between its two writes.
+const CLAIM_TAKEOVER_AGE_MICROS: i64 = 5_000_000;
 
 /// How many messages of one batch are written concurrently.
 const INSERT_CONCURRENCY: usize = 64;
@@ -268,6 +277,38 @@ impl CqlStore {
         if claimed_sender != sender {
             // Not the same message after all: report the claim, write nothing.
             return Ok(InsertOutcome::Duplicate(as_claimed));
+        }
+        // The claim has no row. Its writer may still be between its two writes: give it time.
+        let waiting = std::time::Instant::now();
+        while waiting.elapsed() < ROW_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if let Some(existing) = self.message_at(message.room, bucket, sent, message.uuid).await? {
+                return Ok(InsertOutcome::Duplicate(existing));
+            }
+        }
+        // Only a claim written long enough ago is orphaned; a younger one may still get its row
+        // (the caller answers code 5, and the client's retry comes back later).
+        let claimed: Option<(i64, Option<i64>)> = read_one(
+            &self.session,
+            &self.statements.message_claim_age,
+            (room, message.uuid),
+        )
+        .await?;
+        let written_micros = match claimed {
+            Some((now_sent, written)) if now_sent == sent => written.unwrap_or(0),
+            _ => {
+                return Err(CqlError::Inconsistent(format!(
+                    "the claim of message {} changed while it was being checked",
+                    message.uuid
+                )))
+            }
+        };
+        let now_micros = Timestamp::now().0 / 1_000;
+        if now_micros.saturating_sub(written_micros) < CLAIM_TAKEOVER_AGE_MICROS {
+            return Err(CqlError::Inconsistent(format!(
+                "message {} is claimed but not stored yet",
+                message.uuid
+            )));
         }
         // The claim has no row: its writer died between its two writes, and never acknowledged
         // the message. Take the claim over at the `sent` the router gives the message now, so

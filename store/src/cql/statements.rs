@@ -38,6 +38,7 @@ pub(crate) struct Statements {
 
     pub(crate) message_claim: PreparedStatement,
     pub(crate) message_claim_read: PreparedStatement,
+    pub(crate) message_claim_age: PreparedStatement,
     pub(crate) message_insert: PreparedStatement,
     pub(crate) message_reclaim: PreparedStatement,
     pub(crate) messages_between: PreparedStatement,
@@ -182,6 +183,11 @@ impl Statements {
             message_claim: prepare(
                 s("INSERT INTO message_ids (room_id, uuid, sent, sender) VALUES (?, ?, ?, ?) IF NOT EXISTS"),
                 Kind::Lwt(local_serial),
+            )
+            .await?,
+            message_claim_age: prepare(
+                s("SELECT sent, WRITETIME(sent) FROM message_ids WHERE room_id = ? AND uuid = ?"),
+                Kind::SerialRead(serial_read),
             )
             .await?,
             message_claim_read: prepare(
