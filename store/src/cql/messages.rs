@@ -233,14 +233,7 @@ impl CqlStore {
         )
         .await?;
         if claim.applied {
-            let bucket = self.bucket(message.sent.0);
-            self.record_bucket(message.room, bucket).await?;
-            write(
-                &self.session,
-                &self.statements.message_insert,
-                (room, bucket, message.sent.0, message.uuid, sender, content),
-            )
-            .await?;
+            self.write_row(message, content).await?;
             return Ok(InsertOutcome::Inserted);
         }
         // The uuid is taken: find where its row lives, from the refused claim if the database
@@ -339,15 +332,27 @@ impl CqlStore {
             (room, bucket, sent),
         )
         .await?;
+        self.write_row(message, content).await?;
+        Ok(InsertOutcome::Inserted)
+    }
+
+    /// Writes the row of a claimed message at its `sent`, after recording its bucket.
+    async fn write_row(&self, message: &NewMessage, content: String) -> CqlResult<()> {
         let bucket = self.bucket(message.sent.0);
         self.record_bucket(message.room, bucket).await?;
         write(
             &self.session,
             &self.statements.message_insert,
-            (room, bucket, message.sent.0, message.uuid, sender, content),
+            (
+                message.room as i64,
+                bucket,
+                message.sent.0,
+                message.uuid,
+                message.sender as i64,
+                content,
+            ),
         )
-        .await?;
-        Ok(InsertOutcome::Inserted)
+        .await
     }
 
     /// The message stored at `sent`, checked to be the one with `uuid`.
