@@ -30,6 +30,8 @@ const MAX_PHASE: Duration = Duration::from_secs(3600);
 ///   chatoy-bench --url http://127.0.0.1:8080 --pid 1234 idle --sockets 10000 --users 100
 ///
 ///   chatoy-bench --pid 1234 fanout --rooms 1 --members 100 --senders 10 --window 8 --messages 2000
+///
+///   chatoy-bench --pid 1234 churn --sockets 1000 --rate 200 --seconds 30 --rooms 10 --msg-rate 50
 #[derive(Debug, Parser)]
 #[command(name = "chatoy-bench", version, verbatim_doc_comment, after_long_help = AFTER_HELP)]
 pub(crate) struct Cli {
@@ -66,7 +68,8 @@ pub(crate) struct Common {
     /// The server's process id: its RSS and CPU time are reported (Linux /proc).
     #[arg(long, global = true, env = "CHATOY_PID")]
     pub(crate) pid: Option<u32>,
-    /// Hard limit on the measured phase (idle: connect + settle + hold; fanout: sending + drain).
+    /// Hard limit on the measured phase (idle: connect + settle + hold; fanout: sending + drain;
+    /// churn: connect + churn + drain).
     #[arg(long, global = true, default_value = "120s", value_parser = phase_duration)]
     pub(crate) duration: Duration,
     /// Write the report as JSON to this file.
@@ -122,6 +125,21 @@ pub(crate) enum Scenario {
     /// computes the delivery latency itself. Every (receiver, uuid) is counted: lost = expected -
     /// unique received, plus duplicates, unexpected messages and errors by `send` code.
     Fanout(FanoutArgs),
+    /// Connection churn: connect latency and failures while sockets come and go.
+    ///
+    /// Opens --sockets authenticated sockets (the population, shared round-robin by --users
+    /// users), then for --seconds closes one and opens a new one in its place (TCP connect +
+    /// upgrade + auth) --rate times per second, at most --connect-concurrency at a time; a
+    /// reconnect due while that many are in flight is skipped and counted. Reports the rate
+    /// achieved, connect latency (TCP connect to `auth` code 0), failures by cause, and, with
+    /// --pid, the server's RSS once settled before and after the churn (the population is open
+    /// both times, so growth hints at memory kept per closed socket).
+    ///
+    /// With --rooms R, the users are spread over R rooms and one extra socket per room sends
+    /// --msg-rate messages per second throughout. Every socket open at the end is checked: each
+    /// message acked with code 0 whose send was scheduled after that socket's `auth` answer must
+    /// have arrived exactly once.
+    Churn(ChurnArgs),
 }
 
 /// Flags of `idle`.
@@ -180,6 +198,51 @@ pub(crate) struct FanoutArgs {
     pub(crate) ack_timeout: Duration,
 }
 
+/// Flags of `churn`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ChurnArgs {
+    /// Authenticated sockets kept open (the population churned through).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SOCKETS))]
+    pub(crate) sockets: u64,
+    /// Users the sockets are spread over (one login each; several sockets share a token).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_SOCKETS))]
+    pub(crate) users: u64,
+    /// Sockets closed and reopened per second.
+    #[arg(long, default_value_t = 100.0, value_parser = churn_rate)]
+    pub(crate) rate: f64,
+    /// How long to churn, in seconds (--duration, 120 s by default, bounds the whole run).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) seconds: u64,
+    /// Which socket to close next: each in turn, or one at random.
+    #[arg(long, value_enum, default_value_t = Pick::RoundRobin)]
+    pub(crate) pick: Pick,
+    /// Rooms with a sender each (an extra socket); 0 = no messages, only connects.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_SOCKETS))]
+    pub(crate) rooms: u64,
+    /// Messages per second each room's sender sends (paced, at most 64 unacknowledged).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_rate)]
+    pub(crate) msg_rate: f64,
+    /// After the churn, how long at most to wait for the last deliveries (the wait ends sooner
+    /// once nothing arrived for 250 ms).
+    #[arg(long, default_value = "2s", value_parser = phase_duration)]
+    pub(crate) drain: Duration,
+    /// How long a sender waits for an ack before giving up on its remaining messages.
+    #[arg(long, default_value = "10s", value_parser = phase_duration)]
+    pub(crate) ack_timeout: Duration,
+    /// Give up waiting for a stable server RSS after this long (the last sample is reported).
+    #[arg(long, default_value = "10s", value_parser = phase_duration)]
+    pub(crate) settle_timeout: Duration,
+}
+
+/// How `churn` picks the socket to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Pick {
+    /// Socket 0, 1, 2, ... in turn.
+    RoundRobin,
+    /// A socket at random.
+    Random,
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("{err} (examples: 500ms, 10s, 5m)"))
 }
@@ -204,6 +267,13 @@ fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(value) if value.is_finite() && value > 0.0 && value <= 1e7 => Ok(value),
         _ => Err("must be a number in (0, 10000000]".into()),
+    }
+}
+
+fn churn_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 && value <= 100_000.0 => Ok(value),
+        _ => Err("must be a number in (0, 100000]".into()),
     }
 }
 
@@ -239,6 +309,39 @@ mod tests {
             panic!("not fanout");
         };
         assert_eq!((args.members, args.window), (3, 8));
+    }
+
+    #[test]
+    fn churn_flags() {
+        let cli = Cli::try_parse_from([
+            "chatoy-bench",
+            "churn",
+            "--sockets",
+            "50",
+            "--rate",
+            "20",
+            "--seconds",
+            "3",
+            "--pick",
+            "random",
+            "--rooms",
+            "2",
+        ])
+        .map_err(|err| err.to_string());
+        let Ok(cli) = cli else {
+            panic!("{cli:?}");
+        };
+        let Scenario::Churn(args) = cli.scenario else {
+            panic!("not churn");
+        };
+        assert_eq!(
+            (args.sockets, args.users, args.seconds, args.rooms),
+            (50, 100, 3, 2)
+        );
+        assert_eq!((args.rate, args.pick), (20.0, Pick::Random));
+        for bad in ["0", "-1", "100001", "nan"] {
+            assert!(churn_rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

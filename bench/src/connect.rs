@@ -90,7 +90,7 @@ pub(crate) async fn open(target: &Target, index: u64, token: &str, dial: Dial) -
         match tokio::time::timeout(dial.timeout, attempt_once(target, source, index, token, dial)).await {
             Ok(Ok(conn)) => return Ok(conn),
             Ok(Err(err)) => last = err,
-            Err(_) => last = anyhow!("timed out after {:?}", dial.timeout),
+            Err(_) => last = anyhow!(Step::Timeout(dial.timeout)),
         }
     }
     Err(last.context(format!(
@@ -99,17 +99,97 @@ pub(crate) async fn open(target: &Target, index: u64, token: &str, dial: Dial) -
     )))
 }
 
+/// One attempt at opening socket number `index` (no retry), within `dial.timeout`. A failure's
+/// step is readable with [`failure_cause`].
+pub(crate) async fn attempt(target: &Target, index: u64, token: &str, dial: Dial) -> Result<Conn> {
+    let source = target.sources[index as usize % target.sources.len()];
+    match tokio::time::timeout(dial.timeout, attempt_once(target, source, index, token, dial)).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow!(Step::Timeout(dial.timeout))),
+    }
+}
+
+/// The step of opening a socket that failed; attached to the error as its outermost context, so
+/// [`failure_cause`] finds it. It prints as the error messages always read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Socket,
+    Bind(IpAddr),
+    Connect,
+    NoDelay,
+    Handshake,
+    SendAuth,
+    ReadAuth,
+    AuthFrames,
+    AuthRefused(u64),
+    AuthClosed(Option<u16>),
+    AuthEof,
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Socket => write!(f, "creating a TCP socket"),
+            Step::Bind(source) => write!(f, "binding to {source}"),
+            Step::Connect => write!(f, "TCP connect"),
+            Step::NoDelay => write!(f, "setting TCP_NODELAY"),
+            Step::Handshake => write!(f, "WebSocket handshake"),
+            Step::SendAuth => write!(f, "sending auth"),
+            Step::ReadAuth => write!(f, "reading auth"),
+            Step::AuthFrames => write!(f, "unreadable frames during auth"),
+            Step::AuthRefused(code) => write!(f, "auth refused with code {code}"),
+            Step::AuthClosed(code) => write!(f, "closed by the server during auth ({code:?})"),
+            Step::AuthEof => write!(f, "connection closed during auth"),
+            Step::Timeout(limit) => write!(f, "timed out after {limit:?}"),
+        }
+    }
+}
+
+/// A short, stable key for why an attempt failed (`tcp_connect`, `handshake_http_503`,
+/// `auth_code_3`, `auth_close_1008`, `timeout`, ...), for counting failures by cause.
+pub(crate) fn failure_cause(err: &anyhow::Error) -> String {
+    let Some(step) = err.downcast_ref::<Step>() else {
+        return "other".to_owned();
+    };
+    match step {
+        Step::Socket => "socket".to_owned(),
+        Step::Bind(_) => "bind".to_owned(),
+        Step::Connect => "tcp_connect".to_owned(),
+        Step::NoDelay => "nodelay".to_owned(),
+        Step::Handshake => {
+            let status = err.chain().find_map(|cause| {
+                match cause.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+                    Some(tokio_tungstenite::tungstenite::Error::Http(response)) => Some(response.status()),
+                    _ => None,
+                }
+            });
+            match status {
+                Some(status) => format!("handshake_http_{}", status.as_u16()),
+                None => "handshake".to_owned(),
+            }
+        }
+        Step::SendAuth | Step::ReadAuth => "auth_io".to_owned(),
+        Step::AuthFrames => "auth_bad_frames".to_owned(),
+        Step::AuthRefused(code) => format!("auth_code_{code}"),
+        Step::AuthClosed(Some(code)) => format!("auth_close_{code}"),
+        Step::AuthClosed(None) => "auth_close".to_owned(),
+        Step::AuthEof => "auth_eof".to_owned(),
+        Step::Timeout(_) => "timeout".to_owned(),
+    }
+}
+
 async fn attempt_once(target: &Target, source: IpAddr, index: u64, token: &str, dial: Dial) -> Result<Conn> {
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .context("creating a TCP socket")?;
+    .context(Step::Socket)?;
     socket
         .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("binding to {source}"))?;
-    let stream = socket.connect(target.addr).await.context("TCP connect")?;
-    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+        .context(Step::Bind(source))?;
+    let stream = socket.connect(target.addr).await.context(Step::Connect)?;
+    stream.set_nodelay(true).context(Step::NoDelay)?;
     // The handshake's WebSocket object is dropped right after it: keep its buffers tiny.
     let config = WebSocketConfig::default()
         .read_buffer_size(256)
@@ -117,7 +197,7 @@ async fn attempt_once(target: &Target, source: IpAddr, index: u64, token: &str, 
     let (ws, _response) =
         tokio_tungstenite::client_async_with_config(target.ws_url.as_str(), stream, Some(config))
             .await
-            .context("WebSocket handshake")?;
+            .context(Step::Handshake)?;
     // The server sends nothing before `auth`, so tungstenite holds no unread bytes here.
     let stream = ws.into_inner();
     let mut conn = Conn {
@@ -135,17 +215,21 @@ async fn authenticate(conn: &mut Conn, token: &str) -> Result<()> {
     conn.stream
         .write_all(&conn.writer.buf)
         .await
-        .context("sending auth")?;
+        .context(Step::SendAuth)?;
     conn.writer.buf.clear();
     loop {
-        while let Some(frame) = conn.reader.next_frame().map_err(|err| anyhow!("{err}"))? {
+        while let Some(frame) = conn
+            .reader
+            .next_frame()
+            .map_err(|err| anyhow!("{err}").context(Step::AuthFrames))?
+        {
             match frame {
                 Frame::Text(payload) => match wire::classify(payload) {
                     Server::Auth { code: 0 } => return Ok(()),
-                    Server::Auth { code } => bail!("auth refused with code {code}"),
+                    Server::Auth { code } => bail!(Step::AuthRefused(code)),
                     _ => {}
                 },
-                Frame::Close(code) => bail!("closed by the server during auth ({code:?})"),
+                Frame::Close(code) => bail!(Step::AuthClosed(code)),
                 Frame::Ping(_) | Frame::Pong | Frame::Binary => {}
             }
         }
@@ -153,9 +237,9 @@ async fn authenticate(conn: &mut Conn, token: &str) -> Result<()> {
             .stream
             .read(conn.reader.spare())
             .await
-            .context("reading auth")?;
+            .context(Step::ReadAuth)?;
         if n == 0 {
-            bail!("connection closed during auth");
+            bail!(Step::AuthEof);
         }
         conn.reader.filled(n);
     }
@@ -164,6 +248,37 @@ async fn authenticate(conn: &mut Conn, token: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_have_a_cause_and_read_as_before() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = Err::<(), _>(refused).context(Step::Connect).err();
+        let Some(err) = err else { panic!("no error") };
+        assert_eq!(failure_cause(&err), "tcp_connect");
+        assert!(format!("{err:#}").starts_with("TCP connect: "), "{err:#}");
+        let closed = anyhow!(Step::AuthClosed(Some(1008)));
+        assert_eq!(failure_cause(&closed), "auth_close_1008");
+        assert_eq!(
+            closed.to_string(),
+            "closed by the server during auth (Some(1008))"
+        );
+        assert_eq!(failure_cause(&anyhow!(Step::AuthRefused(3))), "auth_code_3");
+        assert_eq!(
+            failure_cause(&anyhow!(Step::Timeout(Duration::from_secs(1)))),
+            "timeout"
+        );
+        assert_eq!(failure_cause(&anyhow!("something else")), "other");
+        let response = tokio_tungstenite::tungstenite::http::Response::builder()
+            .status(503)
+            .body(None);
+        let Ok(response) = response else {
+            panic!("bad response")
+        };
+        let http = tokio_tungstenite::tungstenite::Error::Http(Box::new(response));
+        let err = Err::<(), _>(http).context(Step::Handshake).err();
+        let Some(err) = err else { panic!("no error") };
+        assert_eq!(failure_cause(&err), "handshake_http_503");
+    }
 
     #[tokio::test]
     async fn only_loopback_targets() {

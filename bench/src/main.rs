@@ -47,6 +47,7 @@ fn run(cli: Cli) -> Result<bool> {
         match &cli.scenario {
             Scenario::Idle(args) => scenario::idle::run(&cli.common, args).await,
             Scenario::Fanout(args) => scenario::fanout::run(&cli.common, args).await,
+            Scenario::Churn(args) => scenario::churn::run(&cli.common, args).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::procfs::CpuUsage;
+use crate::scenario::churn::ChurnResult;
 use crate::scenario::fanout::FanoutResult;
 use crate::scenario::idle::IdleResult;
 use crate::scenario::ConnectStats;
@@ -17,7 +18,7 @@ use crate::scenario::ConnectStats;
 pub(crate) struct Report {
     /// `chatoy-bench <version>`.
     pub(crate) tool: String,
-    /// `idle` or `fanout`.
+    /// `idle`, `fanout` or `churn`.
     pub(crate) scenario: &'static str,
     /// The server's base URL.
     pub(crate) url: String,
@@ -43,6 +44,9 @@ pub(crate) struct Report {
     /// The `fanout` results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) fanout: Option<FanoutResult>,
+    /// The `churn` results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) churn: Option<ChurnResult>,
     /// Anything that went wrong, in words; non-empty makes the exit status 2.
     pub(crate) problems: Vec<String>,
 }
@@ -107,6 +111,9 @@ impl Report {
         }
         if let Some(fanout) = &self.fanout {
             fanout.summary(&mut out);
+        }
+        if let Some(churn) = &self.churn {
+            churn.summary(&mut out);
         }
         let _ = write!(
             out,

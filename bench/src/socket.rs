@@ -448,7 +448,18 @@ struct Batch {
 }
 
 /// Runs one socket until the run stops it or the connection ends.
-pub(crate) async fn drive(mut conn: Conn, role: Role, shared: Arc<Shared>) -> Outcome {
+pub(crate) async fn drive(conn: Conn, role: Role, shared: Arc<Shared>) -> Outcome {
+    let stop = shared.stop.clone();
+    drive_until(conn, role, shared, stop).await
+}
+
+/// [`drive`], stopped by `stop` (for a socket closed on its own, a child of `shared.stop`).
+pub(crate) async fn drive_until(
+    mut conn: Conn,
+    role: Role,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Outcome {
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
     let mut received = Received::new(&shared);
     let mut sender = role
@@ -456,7 +467,7 @@ pub(crate) async fn drive(mut conn: Conn, role: Role, shared: Arc<Shared>) -> Ou
         .map(|plan| Sender::new(plan, role.room_id, shared.messages));
     let mut started = shared.start.is_cancelled();
     let start = shared.start.cancelled();
-    let stop = shared.stop.cancelled();
+    let stop = stop.cancelled();
     let pace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(start, stop, pace);
     let mut pace_armed = false;

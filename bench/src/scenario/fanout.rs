@@ -351,6 +351,7 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
         task_failures,
         idle: None,
         fanout: None,
+        churn: None,
         problems: Vec::new(),
     };
     report.note_common_problems();

@@ -224,6 +224,7 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
             unexpected_frames,
         }),
         fanout: None,
+        churn: None,
         problems: Vec::new(),
     };
     report.note_common_problems();

@@ -1,6 +1,7 @@
-//! What both scenarios share: opening many sockets with bounded concurrency, and collecting the
+//! What the scenarios share: opening many sockets with bounded concurrency, and collecting the
 //! socket tasks' outcomes.
 
+pub(crate) mod churn;
 pub(crate) mod fanout;
 pub(crate) mod idle;
 
@@ -13,7 +14,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::cli::Common;
-use crate::connect::{self, Dial, Target};
+use crate::connect::{self, Conn, Dial, Target};
 use crate::socket::{self, End, Outcome, Role, Shared};
 
 /// How opening the sockets went.
@@ -49,18 +50,37 @@ pub(crate) async fn open_all<'a>(
     shared: &Arc<Shared>,
     deadline: tokio::time::Instant,
 ) -> (Vec<JoinHandle<Outcome>>, ConnectStats) {
+    let mut handles = Vec::with_capacity(count as usize);
+    let stats = open_each(common, target, dial, count, plan, deadline, |_, conn, role| {
+        handles.push(tokio::spawn(socket::drive(conn, role, shared.clone())));
+    })
+    .await;
+    (handles, stats)
+}
+
+/// Opens `count` sockets, `--connect-concurrency` at a time (each with `--connect-attempts`),
+/// and hands each authenticated one to `opened(i, conn, role)` at once. `plan(i)` names the
+/// token and the role of socket `i`.
+pub(crate) async fn open_each<'a>(
+    common: &Common,
+    target: &Target,
+    dial: Dial,
+    count: u64,
+    plan: impl Fn(u64) -> (&'a str, Role),
+    deadline: tokio::time::Instant,
+    mut opened: impl FnMut(u64, Conn, Role),
+) -> ConnectStats {
     let started = Instant::now();
     let mut stats = ConnectStats {
         requested: count,
         ..ConnectStats::default()
     };
-    let mut handles = Vec::with_capacity(count as usize);
     let attempts = futures_util::stream::iter(0..count)
         .map(|index| {
             let (token, role) = plan(index);
             async move {
                 let conn = connect::open(target, index, token, dial).await?;
-                anyhow::Ok((conn, role))
+                anyhow::Ok((index, conn, role))
             }
         })
         .buffer_unordered(usize::from(common.connect_concurrency));
@@ -71,9 +91,9 @@ pub(crate) async fn open_all<'a>(
         tokio::select! {
             item = attempts.next() => match item {
                 None => break,
-                Some(Ok((conn, role))) => {
+                Some(Ok((index, conn, role))) => {
                     stats.opened_senders += u64::from(role.send.is_some());
-                    handles.push(tokio::spawn(socket::drive(conn, role, shared.clone())));
+                    opened(index, conn, role);
                     stats.opened += 1;
                 }
                 Some(Err(err)) => {
@@ -90,7 +110,7 @@ pub(crate) async fn open_all<'a>(
     }
     stats.secs = started.elapsed().as_secs_f64();
     stats.per_sec = stats.opened as f64 / stats.secs.max(1e-9);
-    (handles, stats)
+    stats
 }
 
 /// Waits for every socket task; a task that panicked is reported as an error string.
@@ -110,15 +130,19 @@ pub(crate) async fn collect(handles: Vec<JoinHandle<Outcome>>) -> (Vec<Outcome>,
 pub(crate) fn tally_ends(outcomes: &[Outcome]) -> BTreeMap<String, u64> {
     let mut ends = BTreeMap::new();
     for outcome in outcomes {
-        let key = match outcome.end {
-            End::Stopped => "stopped".to_owned(),
-            End::ServerClose(Some(code)) => format!("server_close_{code}"),
-            End::ServerClose(None) => "server_close".to_owned(),
-            End::Eof => "eof".to_owned(),
-            End::Io => "io_error".to_owned(),
-            End::Wire => "bad_frames".to_owned(),
-        };
-        *ends.entry(key).or_insert(0) += 1;
+        *ends.entry(end_key(outcome.end)).or_insert(0) += 1;
     }
     ends
+}
+
+/// The report's name of a socket's end reason (`stopped` is the normal end).
+pub(crate) fn end_key(end: End) -> String {
+    match end {
+        End::Stopped => "stopped".to_owned(),
+        End::ServerClose(Some(code)) => format!("server_close_{code}"),
+        End::ServerClose(None) => "server_close".to_owned(),
+        End::Eof => "eof".to_owned(),
+        End::Io => "io_error".to_owned(),
+        End::Wire => "bad_frames".to_owned(),
+    }
 }
