@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
 use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::oneshot;
 
 pub use inproc::InProcBus;
@@ -61,6 +61,10 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe_users(&self) -> Result<Subscription<(u64, UserEvent)>, BusError>;
     /// Answers if the bus is usable (readiness).
     fn is_ready(&self) -> bool;
+    /// Times the connection to the bus was re-established after a loss (a metric).
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// The answer to a submitted message, still to come; the caller bounds the wait.
@@ -161,5 +165,11 @@ impl<T> Subscription<T> {
     /// The next delivery, or `None` once the bus closed the subscription.
     pub async fn next(&mut self) -> Option<Delivery<T>> {
         self.stream.next().await
+    }
+
+    /// The next delivery if one is ready now, without waiting; `None` when nothing is ready
+    /// (or the subscription ended: the next [`Subscription::next`] says which).
+    pub fn try_next(&mut self) -> Option<Delivery<T>> {
+        self.stream.next().now_or_never().flatten()
     }
 }

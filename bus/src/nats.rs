@@ -328,6 +328,16 @@ impl Bus for NatsBus {
     fn is_ready(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    fn reconnects(&self) -> u64 {
+        // The client counts its first connection too.
+        let connects = self
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        connects.saturating_sub(1)
+    }
 }
 
 /// One partition's pull stream in the `routers` priority group.

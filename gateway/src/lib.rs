@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use ws::wire::CloseReason;
 
 pub use config::{AllowedOrigins, GatewayConfig};
 
@@ -63,7 +64,7 @@ pub async fn run(
         config.argon2_iterations,
         config.token_ttl,
     )?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(bus.clone()));
     let gateway_id = rand::random::<u64>();
     let registry = Registry::new(
         bus.clone(),
@@ -101,6 +102,12 @@ pub async fn run(
         .await
         .map_err(|err| err.to_string())?;
     let user_feed = tokio::spawn(shared.registry.clone().user_feed(users));
+    let keepalive = tokio::spawn(
+        shared
+            .registry
+            .clone()
+            .keepalive(shared.config.ping_interval, shared.config.idle_timeout),
+    );
     let http = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -148,6 +155,7 @@ pub async fn run(
     }
     drop(listener);
     tracing::info!("draining");
+    shared.registry.close_all(CloseReason::GOING_AWAY);
     shared.tasks.close();
     http.close();
     let drained = async {
@@ -161,5 +169,6 @@ pub async fn run(
         tracing::warn!("drain timeout passed with connections still open");
     }
     user_feed.abort();
+    keepalive.abort();
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! The gateway's Prometheus metrics. Label children are resolved once so that the hot path only
 //! touches atomics.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+use chatoy_bus::DynBus;
 use chatoy_protocol::SendCode;
 
 /// Handles to every metric the gateway exports on `/metrics`.
@@ -34,10 +37,15 @@ pub(crate) struct Metrics {
     pub(crate) refused_login: IntCounter,
     /// Requests refused for their `Origin` (403).
     pub(crate) refused_origin: IntCounter,
+    /// The bus's reconnects, brought up to date from `bus` at each scrape; `reconnects_seen` is
+    /// the bus's count already added, so concurrent scrapes add each reconnect once.
+    bus_reconnects: IntCounter,
+    reconnects_seen: AtomicU64,
+    bus: DynBus,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Metrics {
+    pub(crate) fn new(bus: DynBus) -> Metrics {
         let registry = Registry::new();
         let sockets_open =
             IntGauge::new("chatoy_sockets_open", "Open WebSocket connections.").expect("valid metric");
@@ -84,6 +92,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let bus_reconnects = IntCounter::new(
+            "chatoy_nats_reconnects_total",
+            "Times the gateway's NATS connection was re-established after a loss.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(sockets_open.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(frames_in.clone()),
@@ -93,6 +106,7 @@ impl Metrics {
             Box::new(slow_consumers.clone()),
             Box::new(bus_gaps.clone()),
             Box::new(refused.clone()),
+            Box::new(bus_reconnects.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -116,6 +130,9 @@ impl Metrics {
             refused_conn_rate_ip: refused.with_label_values(&["conn_rate_ip"]),
             refused_login: refused.with_label_values(&["login_locked"]),
             refused_origin: refused.with_label_values(&["origin"]),
+            bus_reconnects,
+            reconnects_seen: AtomicU64::new(0),
+            bus,
             registry,
         }
     }
@@ -128,6 +145,9 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub(crate) fn render(&self) -> Vec<u8> {
+        let reconnects = self.bus.reconnects();
+        let before = self.reconnects_seen.fetch_max(reconnects, Ordering::Relaxed);
+        self.bus_reconnects.inc_by(reconnects.saturating_sub(before));
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -61,23 +61,18 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<
     let slot = SocketSlot(shared.clone());
     let accept = derive_accept_key(key.as_bytes());
     let task_shared = shared.clone();
-    shared.tasks.spawn(async move {
+    // Taken out of the request here, so that the request is not part of the socket's task.
+    let upgraded = hyper::upgrade::on(req);
+    let fut = async move {
         let _slot = slot;
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(256)
-                    .write_buffer_size(0)
-                    .max_write_buffer_size(64 * 1024)
-                    .max_message_size(Some(task_shared.config.max_frame_size))
-                    .max_frame_size(Some(task_shared.config.max_frame_size));
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                    .await;
-                serve(task_shared, ws).await;
-            }
-            Err(err) => tracing::debug!(cause = %err, "websocket upgrade failed"),
-        }
-    });
+        // Boxed: the upgrade's state must not live as long as the socket.
+        // `let else`, not `if let`: the awaited `Option` must not stay in the task's state.
+        let Some(mut ws) = Box::pin(open_socket(upgraded, task_shared.config.max_frame_size)).await else {
+            return;
+        };
+        serve(&task_shared, &mut ws).await;
+    };
+    shared.tasks.spawn(fut);
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -87,6 +82,25 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<
         h.insert(SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
+}
+
+/// Completes the upgrade and wraps the connection in a WebSocket with small buffers.
+async fn open_socket(upgraded: hyper::upgrade::OnUpgrade, max_frame_size: usize) -> Option<Socket> {
+    match upgraded.await {
+        Ok(upgraded) => {
+            let config = WebSocketConfig::default()
+                .read_buffer_size(256)
+                .write_buffer_size(0)
+                .max_write_buffer_size(64 * 1024)
+                .max_message_size(Some(max_frame_size))
+                .max_frame_size(Some(max_frame_size));
+            Some(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
+        }
+        Err(err) => {
+            tracing::debug!(cause = %err, "websocket upgrade failed");
+            None
+        }
+    }
 }
 
 /// Holds one of the `max_sockets` places and the open-sockets gauge while the socket lives.
@@ -105,15 +119,15 @@ impl Drop for SocketSlot {
     }
 }
 
-async fn serve(shared: Arc<Shared>, mut ws: Socket) {
+async fn serve(shared: &Arc<Shared>, ws: &mut Socket) {
     shared.metrics.sockets_open.inc();
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     // Boxed: the auth phase's state is large and must not live as long as the socket.
-    let authed = Box::pin(authenticate(&shared, &mut ws, conn)).await;
-    if let Some((peer, seam)) = authed {
-        run(&shared, &mut ws, &peer, seam).await;
-        shared.registry.remove(&peer);
-    }
+    let Some((peer, mut live)) = Box::pin(authenticate(shared, ws, conn)).await else {
+        return;
+    };
+    run(shared, ws, &peer, &mut live).await;
+    shared.registry.remove(&peer);
 }
 
 /// Per room, the newest `sent` already replayed by `since`; live frames up to it are dropped.
@@ -139,7 +153,7 @@ fn classify_read(item: Option<Result<Message, WsError>>) -> ReadOutcome {
     }
 }
 
-async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Option<(Arc<Peer>, Seam)> {
+async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Option<(Arc<Peer>, Live)> {
     let deadline = tokio::time::sleep(shared.config.auth_timeout);
     tokio::pin!(deadline);
     let mut failures = 0;
@@ -225,7 +239,7 @@ async fn admit(
     user: u64,
     token_hash: [u8; 32],
     since: Option<Timestamp>,
-) -> Option<(Arc<Peer>, Seam)> {
+) -> Option<(Arc<Peer>, Live)> {
     let timeout = shared.config.write_timeout;
     let peer = Arc::new(Peer::new(conn, user, token_hash));
     let registered = register(shared, &peer).await;
@@ -247,10 +261,10 @@ async fn admit(
         return None;
     }
     let Some(since) = since else {
-        return Some((peer, None));
+        return Some((peer, Live::new(&shared.config, None)));
     };
     match replay(shared, ws, &rooms, since).await {
-        Ok(seam) => Some((peer, Some(seam))),
+        Ok(seam) => Some((peer, Live::new(&shared.config, Some(seam)))),
         Err(()) => {
             shared.registry.remove(&peer);
             let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
@@ -262,6 +276,10 @@ async fn admit(
 /// Subscribes the socket to its user and rooms and waits until every subscription is active.
 async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, String> {
     shared.registry.add_user(peer);
+    // A shutdown that began before `add_user` did not find this socket in `close_all`.
+    if shared.shutdown.is_cancelled() {
+        peer.mailbox.close(CloseReason::GOING_AWAY);
+    }
     let rooms = shared
         .store
         .user_rooms(peer.user)
@@ -344,46 +362,69 @@ impl RateLimit {
     }
 }
 
-async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, mut seam: Seam) {
-    let config = &shared.config;
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.ping_interval,
-        config.ping_interval,
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = Instant::now();
-    let mut limit = RateLimit {
-        tokens: config.msg_burst,
-        at: last_seen,
-    };
+/// What woke an idle socket.
+enum Wake {
+    Mailbox,
+    Read(Option<Result<Message, WsError>>),
+}
+
+/// The socket's state between wake-ups.
+struct Live {
+    seam: Seam,
+    limit: RateLimit,
+}
+
+impl Live {
+    fn new(config: &crate::config::GatewayConfig, seam: Seam) -> Live {
+        Live {
+            seam,
+            limit: RateLimit {
+                tokens: config.msg_burst,
+                at: Instant::now(),
+            },
+        }
+    }
+}
+
+async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, live: &mut Live) {
+    // The idle state is only this `select!`: pings, the idle timeout and shutdown reach the
+    // socket through its mailbox (see `Registry::keepalive` and `Registry::close_all`), and the
+    // work after a wake-up runs in a boxed future, so none of it is part of every idle
+    // socket's task.
     loop {
-        tokio::select! {
-            _ = peer.mailbox.wait() => {
-                match flush(ws, peer, &mut seam, config.write_timeout).await {
-                    Ok(false) => {}
-                    Ok(true) | Err(()) => return,
+        let wake = tokio::select! {
+            _ = peer.mailbox.wait() => Wake::Mailbox,
+            item = ws.next() => Wake::Read(item),
+        };
+        if Box::pin(on_wake(shared, ws, peer, live, wake)).await {
+            return;
+        }
+    }
+}
+
+/// Handles one wake-up; returns whether the socket is done.
+async fn on_wake(
+    shared: &Arc<Shared>,
+    ws: &mut Socket,
+    peer: &Arc<Peer>,
+    live: &mut Live,
+    wake: Wake,
+) -> bool {
+    let timeout = shared.config.write_timeout;
+    match wake {
+        Wake::Mailbox => !matches!(flush(ws, peer, &mut live.seam, timeout).await, Ok(false)),
+        Wake::Read(item) => {
+            peer.seen();
+            match classify_read(item) {
+                ReadOutcome::Text(text) => {
+                    handle_text(shared, peer, &mut live.limit, text.as_bytes()).await;
+                    false
                 }
-            }
-            item = ws.next() => {
-                last_seen = Instant::now();
-                match classify_read(item) {
-                    ReadOutcome::Text(text) => handle_text(shared, peer, &mut limit, text.as_bytes()).await,
-                    ReadOutcome::Nothing => {}
-                    ReadOutcome::Closed(reason) => {
-                        finish(ws, reason, config.write_timeout).await;
-                        return;
-                    }
+                ReadOutcome::Nothing => false,
+                ReadOutcome::Closed(reason) => {
+                    finish(ws, reason, timeout).await;
+                    true
                 }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() >= config.idle_timeout {
-                    peer.mailbox.close(CloseReason::IDLE);
-                } else if write_raw(ws, wire::PING, config.write_timeout).await.is_err() {
-                    return;
-                }
-            }
-            _ = shared.shutdown.cancelled(), if !peer.mailbox.is_closing() => {
-                peer.mailbox.close(CloseReason::GOING_AWAY);
             }
         }
     }

@@ -64,25 +64,35 @@ pub(crate) enum Pushed {
 impl Mailbox {
     /// Queues a frame unless the socket is closing; overflowing `bound` closes it instead.
     pub(crate) fn push(&self, item: Outbound, bound: usize) -> Pushed {
+        self.push_all(std::iter::once(item), bound).1
+    }
+
+    /// Queues several frames with one lock and at most one wake-up; returns how many were
+    /// queued and how the last push went (as [`Mailbox::push`]).
+    pub(crate) fn push_all(&self, items: impl Iterator<Item = Outbound>, bound: usize) -> (u64, Pushed) {
         let mut state = self.state.lock();
         if state.close.is_some() {
-            return Pushed::Closing;
-        }
-        if state.queue.len() >= bound {
-            state.queue = VecDeque::new();
-            state.close = Some(CloseReason::SLOW_CONSUMER);
-            drop(state);
-            self.wake.notify_one();
-            return Pushed::Overflowed;
+            return (0, Pushed::Closing);
         }
         let was_empty = state.queue.is_empty();
-        state.queue.push_back(item);
+        let mut queued = 0;
+        for item in items {
+            if state.queue.len() >= bound {
+                state.queue = VecDeque::new();
+                state.close = Some(CloseReason::SLOW_CONSUMER);
+                drop(state);
+                self.wake.notify_one();
+                return (queued, Pushed::Overflowed);
+            }
+            state.queue.push_back(item);
+            queued += 1;
+        }
         drop(state);
         // The writer always takes the whole queue, so only the first frame needs to wake it.
-        if was_empty {
+        if was_empty && queued > 0 {
             self.wake.notify_one();
         }
-        Pushed::Queued
+        (queued, Pushed::Queued)
     }
 
     /// Asks the socket to close with `reason` after what is already queued.
@@ -93,11 +103,6 @@ impl Mailbox {
             drop(state);
             self.wake.notify_one();
         }
-    }
-
-    /// Whether a close has been requested.
-    pub(crate) fn is_closing(&self) -> bool {
-        self.state.lock().close.is_some()
     }
 
     /// Takes everything pending, leaving an empty queue that holds no memory.
@@ -133,6 +138,18 @@ mod tests {
         assert_eq!(drained.frames.len(), 2);
         assert_eq!(drained.close, None);
         assert_eq!(mailbox.drain().frames.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn push_all_queues_in_order_and_overflows_like_push() {
+        let mailbox = Mailbox::default();
+        assert_eq!(mailbox.push_all((1..=3).map(item), 4), (3, Pushed::Queued));
+        mailbox.wait().await;
+        let frames: Vec<u8> = mailbox.drain().frames.iter().map(|o| o.frame[0]).collect();
+        assert_eq!(frames, [1, 2, 3]);
+        assert_eq!(mailbox.push_all((1..=5).map(item), 4), (4, Pushed::Overflowed));
+        assert_eq!(mailbox.push_all((1..=2).map(item), 4), (0, Pushed::Closing));
+        assert_eq!(mailbox.drain().close, Some(CloseReason::SLOW_CONSUMER));
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //! that sent it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatoy_bus::{Delivery, DynBus, Subscription};
@@ -20,6 +22,9 @@ use tokio::task::AbortHandle;
 use super::mailbox::{Mailbox, Outbound, Pushed};
 use super::wire::{self, CloseReason};
 use crate::metrics::Metrics;
+
+/// Most events of one room fanned out together.
+const FAN_OUT_BATCH: usize = 256;
 
 /// What the rest of the gateway knows about one authenticated socket.
 pub(crate) struct Peer {
@@ -35,6 +40,8 @@ pub(crate) struct Peer {
     pub(crate) mailbox: Mailbox,
     /// The rooms this socket is registered in.
     rooms: Mutex<Vec<u64>>,
+    /// When the client was last heard from, in milliseconds of [`clock`].
+    last_seen: AtomicU64,
 }
 
 impl Peer {
@@ -46,8 +53,20 @@ impl Peer {
             token_hash,
             mailbox: Mailbox::default(),
             rooms: Mutex::new(Vec::new()),
+            last_seen: AtomicU64::new(clock()),
         }
     }
+
+    /// Notes that the client was just heard from.
+    pub(crate) fn seen(&self) {
+        self.last_seen.store(clock(), Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the first call: a cheap clock for idle checks.
+fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Resolves once a subscription is active.
@@ -137,7 +156,7 @@ impl Registry {
     /// Adds every local socket of `user` to `room` and waits (bounded) until the room's
     /// subscription is active, so that a join answered by this gateway takes effect before the
     /// answer leaves. Other gateways learn of the join from the user event.
-    pub(crate) async fn join_local(self: &Arc<Self>, user: u64, room: u64, deadline: std::time::Duration) {
+    pub(crate) async fn join_local(self: &Arc<Self>, user: u64, room: u64, deadline: Duration) {
         let peers = match self.users.lock().get(&user) {
             Some(peers) => peers.clone(),
             None => return,
@@ -149,6 +168,42 @@ impl Registry {
             }
         };
         let _ = tokio::time::timeout(deadline, all_ready).await;
+    }
+
+    /// Every local authenticated socket.
+    fn peers(&self) -> Vec<Arc<Peer>> {
+        self.users.lock().values().flatten().cloned().collect()
+    }
+
+    /// For the gateway's life, every `interval`: closes the sockets not heard from within
+    /// `idle_timeout` (1008) and pings the others. One task for all sockets, so that an idle
+    /// socket holds no timer of its own.
+    pub(crate) async fn keepalive(self: Arc<Self>, interval: Duration, idle_timeout: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle_ms = idle_timeout.as_millis() as u64;
+        loop {
+            ticks.tick().await;
+            let now = clock();
+            for peer in self.peers() {
+                if now.saturating_sub(peer.last_seen.load(Ordering::Relaxed)) >= idle_ms {
+                    peer.mailbox.close(CloseReason::IDLE);
+                } else if peer.mailbox.push(
+                    Outbound::control(Bytes::from_static(wire::PING)),
+                    self.queue_bound,
+                ) == Pushed::Overflowed
+                {
+                    self.metrics.slow_consumers.inc();
+                }
+            }
+        }
+    }
+
+    /// Asks every local authenticated socket to close with `reason` (shutdown: 1001).
+    pub(crate) fn close_all(&self, reason: CloseReason) {
+        for peer in self.peers() {
+            peer.mailbox.close(reason);
+        }
     }
 
     /// Removes a closing socket from its rooms and its user; drops subscriptions left empty.
@@ -183,17 +238,31 @@ impl Registry {
         let subscribed = Timestamp(Timestamp::now().0.saturating_sub(5_000_000_000));
         let mut last: Option<Timestamp> = None;
         let _ = ready.send(true);
-        while let Some(delivery) = subscription.next().await {
-            match delivery {
-                Delivery::Event(event) => last = self.on_event(room, &members, last, event).await,
-                Delivery::Gap => {
-                    self.metrics.bus_gaps.inc();
-                    last = Some(
-                        self.recover(room, &members, last.unwrap_or(subscribed), None)
-                            .await,
-                    );
+        // Everything the bus has ready is fanned out together: each member's mailbox takes the
+        // whole batch with one lock and one wake-up, so its writer sends it with one syscall.
+        let mut batch = Vec::new();
+        while let Some(mut delivery) = subscription.next().await {
+            loop {
+                match delivery {
+                    Delivery::Event(event) => {
+                        last = self.on_event(room, &members, last, event, &mut batch).await;
+                    }
+                    Delivery::Gap => {
+                        self.metrics.bus_gaps.inc();
+                        let from = last.unwrap_or(subscribed);
+                        last = Some(self.recover(room, &members, from, None, &mut batch).await);
+                    }
+                }
+                match subscription.try_next() {
+                    Some(next) if batch.len() < FAN_OUT_BATCH => delivery = next,
+                    Some(next) => {
+                        self.fan_out(&members, &mut batch);
+                        delivery = next;
+                    }
+                    None => break,
                 }
             }
+            self.fan_out(&members, &mut batch);
         }
     }
 
@@ -207,6 +276,7 @@ impl Registry {
         members: &Members,
         last: Option<Timestamp>,
         event: RoomEvent,
+        batch: &mut Vec<RoomEvent>,
     ) -> Option<Timestamp> {
         match (last, event.prev) {
             (Some(last), _) if event.sent <= last => Some(last),
@@ -215,11 +285,11 @@ impl Registry {
             (None, None) => None,
             (Some(last), prev) if prev != Some(last) => {
                 self.metrics.bus_gaps.inc();
-                Some(self.recover(room, members, last, Some(event)).await)
+                Some(self.recover(room, members, last, Some(event), batch).await)
             }
             _ => {
                 let sent = event.sent;
-                self.fan_out(members, event);
+                batch.push(event);
                 Some(sent)
             }
         }
@@ -236,6 +306,7 @@ impl Registry {
         members: &Members,
         last: Timestamp,
         event: Option<RoomEvent>,
+        batch: &mut Vec<RoomEvent>,
     ) -> Timestamp {
         match self.store.since(room, last, self.recovery_limit).await {
             Ok(missed) if missed.len() < self.recovery_limit => {
@@ -256,21 +327,18 @@ impl Registry {
                         Some(event) if event.sent == message.sent => event.origin,
                         _ => Origin { gateway: 0, conn: 0 },
                     };
-                    self.fan_out(
-                        members,
-                        RoomEvent {
-                            room,
-                            sent: message.sent,
-                            prev: None,
-                            origin,
-                            frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
-                        },
-                    );
+                    batch.push(RoomEvent {
+                        room,
+                        sent: message.sent,
+                        prev: None,
+                        origin,
+                        frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
+                    });
                 }
                 match event {
                     Some(event) if event.sent > newest && event.prev.is_some() => {
                         newest = event.sent;
-                        self.fan_out(members, event);
+                        batch.push(event);
                     }
                     _ => {}
                 }
@@ -293,23 +361,36 @@ impl Registry {
         }
     }
 
-    fn fan_out(&self, members: &Members, event: RoomEvent) {
-        let frame = wire::text(&event.frame);
-        let from_here = event.origin.gateway == self.gateway;
+    /// Queues the batch's frames, in order, on every member socket but each frame's sender.
+    fn fan_out(&self, members: &Members, batch: &mut Vec<RoomEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        let frames: Vec<(Outbound, Origin)> = batch
+            .drain(..)
+            .map(|event| {
+                let item = Outbound {
+                    frame: wire::text(&event.frame),
+                    room: event.room,
+                    sent: event.sent.0,
+                };
+                (item, event.origin)
+            })
+            .collect();
         let mut delivered = 0;
         for peer in members.peers.lock().iter() {
-            if from_here && peer.id == event.origin.conn {
-                continue;
-            }
-            let item = Outbound {
-                frame: frame.clone(),
-                room: event.room,
-                sent: event.sent.0,
+            let own = Origin {
+                gateway: self.gateway,
+                conn: peer.id,
             };
-            match peer.mailbox.push(item, self.queue_bound) {
-                Pushed::Queued => delivered += 1,
-                Pushed::Overflowed => self.metrics.slow_consumers.inc(),
-                Pushed::Closing => {}
+            let items = frames
+                .iter()
+                .filter(|(_, origin)| *origin != own)
+                .map(|(item, _)| item.clone());
+            let (queued, pushed) = peer.mailbox.push_all(items, self.queue_bound);
+            delivered += queued;
+            if pushed == Pushed::Overflowed {
+                self.metrics.slow_consumers.inc();
             }
         }
         self.metrics.out_recv.inc_by(delivered);

@@ -1,0 +1,427 @@
+//! `deploy/local/cluster scale-gateways` under load: 3 gateways → 1 → 3 behind the HAProxy,
+//! while members send and listen as real clients do (they reconnect through the HAProxy after
+//! a drop, resume with `since` and resend every unanswered message with the same uuid). No
+//! acknowledged message is lost, every member gets every message of its rooms, the drained
+//! gateways close their sockets with 1001, and sockets opened after scaling back up go to the
+//! new gateways too.
+//!
+//! The cluster is the script's own (its routers, gateways and HAProxy in a private run
+//! directory) on the shared NATS and Cassandra, with a fresh keyspace and NATS prefix.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::{assert_auth, random_hex, run_command, Api, TempDir, Ws};
+use crate::minicluster::{delete_streams, drop_keyspace, scrub_env, Services};
+
+#[allow(dead_code)]
+#[path = "../faults/client.rs"]
+mod client;
+
+use client::{Control, Member, MemberSpec, Seen};
+
+const ROOMS: usize = 3;
+const SENDERS: usize = 6;
+/// Messages per second per sender.
+const RATE: f64 = 20.0;
+const WINDOW: usize = 16;
+/// Sockets opened after scaling back up, to see where the HAProxy puts them.
+const NEW_SOCKETS: usize = 12;
+/// Longest wait for every message to be answered and delivered.
+const SETTLE_LIMIT: Duration = Duration::from_secs(90);
+
+/// A cluster run by `deploy/local/cluster` in a private run directory; `down` on drop, and its
+/// keyspace and NATS stream are given back.
+struct ScriptCluster {
+    services: Services,
+    keyspace: String,
+    prefix: String,
+    run_dir: TempDir,
+    /// The HAProxy, `http://127.0.0.1:PORT`.
+    url: String,
+}
+
+impl ScriptCluster {
+    async fn up(gateways: usize) -> ScriptCluster {
+        let mut cluster = ScriptCluster {
+            services: Services::from_env(),
+            keyspace: format!("e2e_{}", random_hex(12)),
+            prefix: format!("e2e{}", random_hex(12)),
+            run_dir: TempDir::new(),
+            url: String::new(),
+        };
+        cluster.url = cluster
+            .run(&["up"], &[("CHATOY_GATEWAYS", &gateways.to_string())])
+            .await;
+        cluster
+    }
+
+    /// Runs the script; fails the test if it fails; returns the URL it printed last.
+    async fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> String {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/cluster");
+        let mut command = Command::new(script);
+        command.args(args);
+        scrub_env(&mut command);
+        command
+            .env("CHATOY_RUN_DIR", self.run_dir.path())
+            .env("CHATOY_BIN", env!("CARGO_BIN_EXE_chatoy"))
+            .env("CHATOY_NATS_URL", &self.services.nats_url)
+            .env("CHATOY_CQL_NODES", &self.services.cql_nodes)
+            .env("CHATOY_KEYSPACE", &self.keyspace)
+            .env("CHATOY_NATS_PREFIX", &self.prefix)
+            .env("CHATOY_ROUTERS", "1")
+            .env("CHATOY_FAILOVER_TIMEOUT", "2s")
+            .env("CHATOY_DRAIN_TIMEOUT", "5s")
+            .env("CHATOY_SEND_TIMEOUT", "2s")
+            .env("CHATOY_MSG_RATE", "10000")
+            .env("CHATOY_MSG_BURST", "10000")
+            .env("CHATOY_ARGON2_MEMORY_KIB", "1024")
+            .env("CHATOY_ARGON2_ITERATIONS", "1");
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let log = self
+            .run_dir
+            .path()
+            .join(format!("cluster-{}.log", args.join("-")));
+        let what = format!("deploy/local/cluster {}", args.join(" "));
+        let (status, output) = run_command(&mut command, &log, Duration::from_secs(300), &what).await;
+        assert!(status.success(), "{what} failed ({status}):\n{output}");
+        output
+            .lines()
+            .filter_map(|line| line.strip_prefix("CHATOY_URL="))
+            .next_back()
+            .unwrap_or_else(|| panic!("{what} printed no CHATOY_URL:\n{output}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// Makes `n` gateways run; returns how long the script took.
+    async fn scale(&mut self, n: usize) -> Duration {
+        let started = Instant::now();
+        let url = self.run(&["scale-gateways", &n.to_string()], &[]).await;
+        assert_eq!(url, self.url, "the HAProxy moved");
+        started.elapsed()
+    }
+
+    /// Gateway `n` itself, bypassing the HAProxy.
+    fn gateway_url(&self, n: usize) -> String {
+        let file = self.dir(&format!("gateway-{n}")).join("port");
+        let port = std::fs::read_to_string(&file).unwrap_or_else(|err| panic!("{}: {err}", file.display()));
+        format!("http://127.0.0.1:{}", port.trim())
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.run_dir.path().join(name)
+    }
+
+    /// Open sockets on gateway `n`, from its /metrics.
+    async fn sockets_on(&self, n: usize) -> usize {
+        let url = self.gateway_url(n);
+        let api = Api::new(url.clone(), vec![url]);
+        api.metric("chatoy_sockets_open").await.unwrap_or(0.0) as usize
+    }
+
+    fn ws_url(&self, path: &str) -> String {
+        format!("{}{path}", self.url.replacen("http://", "ws://", 1))
+    }
+}
+
+impl Drop for ScriptCluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/cluster");
+        let mut command = Command::new(script);
+        command.arg("down");
+        scrub_env(&mut command);
+        let stopped = command
+            .env("CHATOY_RUN_DIR", self.run_dir.path())
+            .env("CHATOY_NATS_URL", &self.services.nats_url)
+            .env("CHATOY_CQL_NODES", &self.services.cql_nodes)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !matches!(stopped, Ok(status) if status.success()) {
+            eprintln!("deploy/local/cluster down failed: {stopped:?}");
+        }
+        if let Err(err) = drop_keyspace(&self.services.cql_nodes, &self.keyspace) {
+            eprintln!("could not drop keyspace {}: {err}", self.keyspace);
+        }
+        if let Err(err) = delete_streams(&self.services.nats_url, &format!("{}.msg.>", self.prefix)) {
+            eprintln!("could not delete the NATS streams of {}: {err}", self.prefix);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_gateways_3_1_3_under_load_loses_nothing() {
+    let mut cluster = ScriptCluster::up(3).await;
+    let api = Api::new(cluster.url.clone(), Vec::new());
+    let host = api.new_user("host").await;
+    let mut rooms = Vec::new();
+    for r in 0..ROOMS {
+        rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
+    }
+    let start = chatoy_protocol::Timestamp::now().0;
+    let balanced = cluster.ws_url("/ws");
+    let mut specs = Vec::new();
+    for i in 0..SENDERS + 3 {
+        let sender = i < SENDERS;
+        let user = api.new_user(if sender { "sender" } else { "listener" }).await;
+        let mine = if sender {
+            vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]]
+        } else {
+            rooms.clone()
+        };
+        for room in &mine {
+            api.join(&user.token, *room).await;
+        }
+        specs.push(MemberSpec {
+            label: format!("{} {i}", if sender { "sender" } else { "listener" }),
+            token: user.token,
+            rooms: mine,
+            // Spread over the three gateways at first; later connections are balanced.
+            first_url: cluster.ws_url(&format!("/ws?gateway={}", i % 3 + 1)),
+            url: balanced.clone(),
+            rate: if sender { RATE } else { 0.0 },
+            window: if sender { WINDOW } else { 0 },
+            start,
+        });
+    }
+    let control = Arc::new(Control::default());
+    let members: Vec<Member> = specs
+        .into_iter()
+        .map(|spec| Member {
+            spec,
+            seen: Arc::new(Mutex::new(Seen::default())),
+        })
+        .collect();
+    let tasks: Vec<_> = members
+        .iter()
+        .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
+        .collect();
+    wait_until(Duration::from_secs(30), "every member to connect", || {
+        members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
+    })
+    .await;
+    for n in 1..=3 {
+        assert_eq!(cluster.sockets_on(n).await, 3, "gateway {n} before scaling in");
+    }
+
+    control.sending.store(true, Ordering::SeqCst);
+    let load_began = Instant::now();
+    wait_until(Duration::from_secs(30), "the first acknowledgements", || {
+        acked_count(&members) > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 3 → 1: gateways 2 and 3 leave the HAProxy and drain; their members move to gateway 1.
+    let scale_in = cluster.scale(1).await;
+    let acked_at_scale_in = acked_count(&members);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut on_one = cluster.sockets_on(1).await;
+    while on_one != members.len() {
+        assert!(
+            Instant::now() < deadline,
+            "gateway 1 holds {on_one} sockets 30 s after scaling in, not the {} members'",
+            members.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        on_one = cluster.sockets_on(1).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 1 → 3: two new gateways behind the HAProxy; the load goes on.
+    let scale_out = cluster.scale(3).await;
+    let before = [cluster.sockets_on(2).await, cluster.sockets_on(3).await];
+    let newcomer = api.new_user("newcomer").await;
+    let mut fresh = Vec::new();
+    for _ in 0..NEW_SOCKETS {
+        let mut ws = Ws::connect_url(&balanced).await;
+        assert_auth(&ws.auth(&newcomer.token, None).await, 0);
+        fresh.push(ws);
+    }
+    let spread = [
+        cluster.sockets_on(1).await.saturating_sub(on_one),
+        cluster.sockets_on(2).await.saturating_sub(before[0]),
+        cluster.sockets_on(3).await.saturating_sub(before[1]),
+    ];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    control.sending.store(false, Ordering::SeqCst);
+    let load_secs = load_began.elapsed().as_secs_f64();
+    wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
+        members
+            .iter()
+            .all(|m| m.seen.lock().expect("seen").unanswered == 0)
+    })
+    .await;
+    let acked = acked_by_room(&members);
+    wait_until(
+        SETTLE_LIMIT,
+        "every member to have every acknowledged message",
+        || {
+            members.iter().all(|member| {
+                let seen = member.seen.lock().expect("seen");
+                member.spec.rooms.iter().all(|room| {
+                    acked.get(room).is_none_or(|messages| {
+                        messages
+                            .keys()
+                            .all(|uuid| seen.have.contains(uuid) || seen.acked.contains_key(uuid))
+                    })
+                })
+            })
+        },
+    )
+    .await;
+    control.stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    drop(fresh);
+
+    // Check: every acknowledged message is stored once with its `sent`, and every member got
+    // every stored message of its rooms (its own excepted).
+    let mut lost = Vec::new();
+    let mut problems = Vec::new();
+    let mut histories = HashMap::new();
+    for &room in &rooms {
+        let history = full_history(&api, &host.token, room).await;
+        let stored: HashMap<&str, i64> = history.iter().map(|(u, s)| (u.as_str(), *s)).collect();
+        if stored.len() != history.len() {
+            problems.push(format!("room {room}: a uuid is stored twice"));
+        }
+        for (uuid, sent) in acked.get(&room).into_iter().flatten() {
+            match stored.get(uuid.as_str()) {
+                None => lost.push(format!("room {room}: acked {uuid} is not stored")),
+                Some(s) if s != sent => problems.push(format!(
+                    "room {room}: {uuid} acked and stored with different sent"
+                )),
+                Some(_) => {}
+            }
+        }
+        histories.insert(room, history);
+    }
+    let mut reconnects = 0;
+    let mut resends = 0;
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for member in &members {
+        let seen = member.seen.lock().expect("seen");
+        reconnects += seen.connects.saturating_sub(1);
+        resends += seen.resends;
+        for (code, n) in &seen.codes {
+            *codes.entry(code.clone()).or_default() += n;
+        }
+        problems.extend(seen.violations.iter().cloned());
+        for room in &member.spec.rooms {
+            let missing = histories[room]
+                .iter()
+                .filter(|(uuid, _)| !seen.have.contains(uuid) && !seen.acked.contains_key(uuid))
+                .count();
+            if missing > 0 {
+                lost.push(format!(
+                    "{}: {missing} messages of room {room} never arrived",
+                    member.spec.label
+                ));
+            }
+            let mut firsts = Vec::new();
+            let mut once = HashSet::new();
+            for (uuid, r, sent) in &seen.received {
+                if r == room && !seen.acked.contains_key(uuid) && once.insert(uuid.as_str()) {
+                    firsts.push(*sent);
+                }
+            }
+            if firsts.windows(2).any(|pair| pair[0] >= pair[1]) {
+                problems.push(format!(
+                    "{}: room {room} arrived out of sent order",
+                    member.spec.label
+                ));
+            }
+        }
+    }
+    let acked_total: usize = acked.values().map(HashMap::len).sum();
+    let mut codes: Vec<String> = codes.into_iter().map(|(code, n)| format!("{code}×{n}")).collect();
+    codes.sort();
+    println!(
+        "scale 3 → 1 → 3: acked {acked_total} ({:.0} msg/s; {acked_at_scale_in} before scaling in), \
+         lost {}, reconnects {reconnects}, resends {resends}, codes [{}]; scale-in took {scale_in:.1?}, \
+         scale-out {scale_out:.1?}; {NEW_SOCKETS} new sockets on gateways 1/2/3: {}/{}/{}",
+        acked_total as f64 / load_secs,
+        lost.len(),
+        codes.join(" "),
+        spread[0],
+        spread[1],
+        spread[2],
+    );
+    assert!(lost.is_empty(), "acknowledged messages lost: {lost:#?}");
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(
+        acked_total > acked_at_scale_in,
+        "nothing was acknowledged after scaling in"
+    );
+    assert!(
+        codes.iter().any(|code| code.starts_with("close 1001")),
+        "the drained gateways closed no socket with 1001: {codes:?}"
+    );
+    for (n, count) in spread.iter().enumerate().skip(1) {
+        assert!(
+            *count >= NEW_SOCKETS / 4,
+            "gateway {} got {count} of {NEW_SOCKETS} new sockets (1/2/3: {spread:?})",
+            n + 1
+        );
+    }
+}
+
+/// How many messages were answered code 0 so far.
+fn acked_count(members: &[Member]) -> usize {
+    members
+        .iter()
+        .map(|m| m.seen.lock().expect("seen").acked.len())
+        .sum()
+}
+
+/// Every message answered code 0, by room: uuid → sent.
+fn acked_by_room(members: &[Member]) -> HashMap<u64, HashMap<String, i64>> {
+    let mut rooms: HashMap<u64, HashMap<String, i64>> = HashMap::new();
+    for member in members {
+        for (uuid, (room, sent)) in &member.seen.lock().expect("seen").acked {
+            rooms.entry(*room).or_default().insert(uuid.clone(), *sent);
+        }
+    }
+    rooms
+}
+
+/// A room's whole history, oldest first (paged with `before`).
+async fn full_history(api: &Api, token: &str, room: u64) -> Vec<(String, i64)> {
+    let mut newest_first = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = api.history(token, room, before.as_deref(), Some(200)).await;
+        let Some(oldest) = page.last() else { break };
+        before = Some(oldest["sent"].as_str().expect("sent").to_owned());
+        for message in &page {
+            newest_first.push((
+                message["uuid"].as_str().expect("uuid").to_owned(),
+                crate::harness::ts(message["sent"].as_str().expect("sent")),
+            ));
+        }
+    }
+    newest_first.reverse();
+    newest_first
+}
+
+async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
