@@ -33,6 +33,8 @@ pub(crate) enum Command {
     Router(RouterArgs),
     /// Creates or updates the ScyllaDB keyspace and tables (idempotent), then exits.
     Migrate(MigrateArgs),
+    /// The terminal client: register, log in, list, create and join rooms, send, tail a room.
+    Client(crate::client::ClientArgs),
 }
 
 /// NATS settings every cluster process shares.

@@ -2,6 +2,7 @@
 //! chosen role. With no subcommand it runs `standalone`: gateway and router in one process on
 //! the in-process bus and the embedded SQLite store.
 
+mod client;
 mod config;
 mod health;
 
@@ -39,10 +40,12 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
     let (format, filter) = match &command {
-        Command::Standalone(args) => (args.common.log_format, &args.common.log),
-        Command::Gateway(args) => (args.common.log_format, &args.common.log),
-        Command::Router(args) => (args.log_format, &args.log),
-        Command::Migrate(args) => (args.log_format, &args.log),
+        Command::Standalone(args) => (args.common.log_format, args.common.log.as_str()),
+        Command::Gateway(args) => (args.common.log_format, args.common.log.as_str()),
+        Command::Router(args) => (args.log_format, args.log.as_str()),
+        Command::Migrate(args) => (args.log_format, args.log.as_str()),
+        // The client's output is its stdout; only warnings of the libraries it uses go to stderr.
+        Command::Client(_) => (LogFormat::Text, "warn"),
     };
     init_tracing(format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Command::Gateway(args) => gateway(args).await,
             Command::Router(args) => router(args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Client(args) => client::run(args).await,
         }
     });
     match result {

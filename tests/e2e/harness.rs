@@ -890,6 +890,14 @@ pub(crate) fn assert_token(token: &str) {
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "token {token:?}");
 }
 
+/// The uuids of `recv.data` values, in order.
+pub(crate) fn uuids(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["uuid"].as_str().expect("uuid").to_owned())
+        .collect()
+}
+
 /// Asserts `text` is RFC 3339 with exactly nine fractional digits and returns it as
 /// nanoseconds since the epoch.
 #[track_caller]

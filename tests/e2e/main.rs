@@ -3,6 +3,7 @@
 //! gateways behind HAProxy on the shared NATS and Cassandra) and talks to it only through HTTP
 //! and WebSocket, checking PROTOCOL.md exactly.
 
+mod clients;
 mod delivery;
 mod harness;
 mod http_api;

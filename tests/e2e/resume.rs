@@ -5,17 +5,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SecondsFormat};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::harness::{assert_send, msg_frame, new_uuid, ts, within, Server, Ws};
-
-/// The uuids of `recv.data` values, in order.
-fn uuids(messages: &[Value]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|m| m["uuid"].as_str().expect("uuid").to_owned())
-        .collect()
-}
+use crate::harness::{assert_send, msg_frame, new_uuid, ts, uuids, within, Server, Ws};
 
 #[tokio::test]
 async fn since_replays_what_was_missed_across_rooms() {
