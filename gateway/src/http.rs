@@ -477,7 +477,7 @@ pub(crate) async fn handle(
         _ if is_preflight => Ok(preflight()),
         (["ws"], &Method::GET) => Ok(crate::ws::upgrade(&shared, req)),
         (["healthz"], &Method::GET) => Ok(ok_response(StatusCode::OK)),
-        (["readyz"], &Method::GET) => Ok(readiness(&shared).await),
+        (["readyz"], &Method::GET) => Ok(readiness(&shared)),
         (["metrics"], &Method::GET) => {
             let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             response.headers_mut().insert(
@@ -514,17 +514,17 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
-async fn readiness(shared: &Shared) -> Response<Body> {
+fn readiness(shared: &Shared) -> Response<Body> {
     if shared.shutdown.is_cancelled() {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining");
     }
     if !shared.bus.is_ready() {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "bus unavailable");
     }
-    match shared.store.ping().await {
-        Ok(()) => ok_response(StatusCode::OK),
-        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+    if !shared.store_health.ready() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
     }
+    ok_response(StatusCode::OK)
 }
 
 async fn read_json<T: DeserializeOwned>(shared: &Shared, req: Request<Incoming>) -> Reply<T> {
