@@ -153,7 +153,7 @@ pub(crate) struct ClusterGatewayArgs {
 /// Flags of `chatoy router`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct RouterArgs {
-    /// Address of the router's /healthz, /readyz and /metrics.
+    /// Address of the router's /healthz and /readyz (routers export no /metrics yet).
     #[arg(
         long,
         env = "CHATOY_LISTEN",
