@@ -52,6 +52,24 @@ pub(crate) struct Report {
 }
 
 /// `12_345_678` bytes → `11.77 MiB`.
+/// Adds `"{count} {what}"` to `problems` for every non-zero count.
+pub(crate) fn note_counts(problems: &mut Vec<String>, counts: &[(u64, &str)]) {
+    for &(count, what) in counts {
+        if count > 0 {
+            problems.push(format!("{count} {what}"));
+        }
+    }
+}
+
+/// Acks with a code other than 0, from a count per code.
+pub(crate) fn refused_acks(acks_by_code: &BTreeMap<String, u64>) -> u64 {
+    acks_by_code
+        .iter()
+        .filter(|(code, _)| code.as_str() != "0")
+        .map(|(_, n)| n)
+        .sum()
+}
+
 pub(crate) fn bytes(value: f64) -> String {
     let abs = value.abs();
     if abs >= 1024.0 * 1024.0 * 1024.0 {

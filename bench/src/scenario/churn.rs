@@ -23,7 +23,7 @@ use crate::histogram::{Histogram, Summary};
 use crate::ids;
 use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, human_rate, Phase};
-use crate::report::{bytes, Report};
+use crate::report::{bytes, note_counts, refused_acks, Report};
 use crate::setup::Api;
 use crate::socket::{self, words_per_sender, Counters, End, Outcome, Role, SendPlan, Shared};
 
@@ -917,33 +917,27 @@ fn note_problems(result: &ChurnResult, problems: &mut Vec<String>) {
     let Some(m) = &result.messages else {
         return;
     };
-    let mut note = |count: u64, what: &str| {
-        if count > 0 {
-            problems.push(format!("{count} {what}"));
-        }
-    };
-    note(m.lost, "owed deliveries lost");
-    note(m.duplicates, "duplicate deliveries");
-    note(m.unexpected, "deliveries of messages not acked with code 0");
-    note(
-        m.foreign,
-        "deliveries of messages not sent to that room by this run",
+    note_counts(
+        problems,
+        &[
+            (m.lost, "owed deliveries lost"),
+            (m.duplicates, "duplicate deliveries"),
+            (m.unexpected, "deliveries of messages not acked with code 0"),
+            (
+                m.foreign,
+                "deliveries of messages not sent to that room by this run",
+            ),
+            (
+                m.echoed_to_sender,
+                "messages delivered back to their sending socket",
+            ),
+            (m.out_of_sender_order, "deliveries out of sender order"),
+            (m.unacked, "messages never acked"),
+            (m.senders_timed_out, "senders gave up waiting for an ack"),
+            (m.malformed_or_other, "unreadable or unexpected frames"),
+            (refused_acks(&m.acks_by_code), "acks with a non-zero code"),
+        ],
     );
-    note(
-        m.echoed_to_sender,
-        "messages delivered back to their sending socket",
-    );
-    note(m.out_of_sender_order, "deliveries out of sender order");
-    note(m.unacked, "messages never acked");
-    note(m.senders_timed_out, "senders gave up waiting for an ack");
-    note(m.malformed_or_other, "unreadable or unexpected frames");
-    let refused: u64 = m
-        .acks_by_code
-        .iter()
-        .filter(|(code, _)| code.as_str() != "0")
-        .map(|(_, n)| n)
-        .sum();
-    note(refused, "acks with a non-zero code");
 }
 
 #[cfg(test)]

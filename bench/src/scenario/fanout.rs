@@ -20,7 +20,7 @@ use crate::histogram::{Histogram, Summary};
 use crate::ids;
 use crate::procfs::{self, CpuMark, Proc};
 use crate::progress::{self, human_rate, Phase};
-use crate::report::{bytes, Report};
+use crate::report::{bytes, note_counts, refused_acks, Report};
 use crate::setup::Api;
 use crate::socket::{words_per_sender, Counters, Outcome, Role, SendPlan, Shared};
 
@@ -361,32 +361,26 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
 }
 
 fn note_problems(result: &FanoutResult, problems: &mut Vec<String>) {
-    let mut note = |count: u64, what: &str| {
-        if count > 0 {
-            problems.push(format!("{count} {what}"));
-        }
-    };
-    note(result.lost, "deliveries lost");
-    note(result.duplicates, "duplicate deliveries");
-    note(result.unexpected, "deliveries of messages not acked with code 0");
-    note(
-        result.foreign,
-        "deliveries of messages not sent to that room by this run",
+    note_counts(
+        problems,
+        &[
+            (result.lost, "deliveries lost"),
+            (result.duplicates, "duplicate deliveries"),
+            (result.unexpected, "deliveries of messages not acked with code 0"),
+            (
+                result.foreign,
+                "deliveries of messages not sent to that room by this run",
+            ),
+            (
+                result.echoed_to_sender,
+                "messages delivered back to their sending socket",
+            ),
+            (result.unacked, "messages never acked"),
+            (result.senders_timed_out, "senders gave up waiting for an ack"),
+            (result.malformed_or_other, "unreadable or unexpected frames"),
+            (refused_acks(&result.acks_by_code), "acks with a non-zero code"),
+        ],
     );
-    note(
-        result.echoed_to_sender,
-        "messages delivered back to their sending socket",
-    );
-    note(result.unacked, "messages never acked");
-    note(result.senders_timed_out, "senders gave up waiting for an ack");
-    note(result.malformed_or_other, "unreadable or unexpected frames");
-    let refused: u64 = result
-        .acks_by_code
-        .iter()
-        .filter(|(code, _)| code.as_str() != "0")
-        .map(|(_, n)| n)
-        .sum();
-    note(refused, "acks with a non-zero code");
     if result.stopped_by_duration {
         problems.push("--duration ran out before the run finished".to_owned());
     }
