@@ -18,8 +18,27 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # A TCP port on 127.0.0.1 that nothing listens on right now.
+# A free port on 127.0.0.1 below the kernel's ephemeral range: an outgoing connection never takes
+# such a port, so a service restarted on its old port finds it free (a client reconnecting to a
+# stopped service's ephemeral-range port can end up connected to itself, holding the port).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(500):
+    port = random.randint(10000, low - 1) if low > 11000 else 0
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        continue
+    finally:
+        s.close()
+else:
+    raise SystemExit("no free port on 127.0.0.1")
+PY
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
