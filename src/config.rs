@@ -153,7 +153,7 @@ pub(crate) struct ClusterGatewayArgs {
 /// Flags of `chatoy router`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct RouterArgs {
-    /// Address of the router's /healthz and /readyz (routers export no /metrics yet).
+    /// Address of the router's /healthz, /readyz and /metrics.
     #[arg(
         long,
         env = "CHATOY_LISTEN",
@@ -171,9 +171,8 @@ pub(crate) struct RouterArgs {
     pub(crate) nats: NatsArgs,
     #[command(flatten)]
     pub(crate) cql: CqlArgs,
-    /// Most messages the router stores in one write.
-    #[arg(long, env = "CHATOY_ROUTER_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub(crate) router_batch: u32,
+    #[command(flatten)]
+    pub(crate) tuning: RouterTuning,
     /// On SIGTERM, how long to let the batch in hand finish.
     #[arg(long, env = "CHATOY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub(crate) drain_timeout: Duration,
@@ -423,16 +422,29 @@ pub(crate) struct StandaloneArgs {
     /// Ordered work queues rooms are spread over; each is one sequencer.
     #[arg(long, env = "CHATOY_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) partitions: u32,
-    /// Most messages the router stores in one write.
-    #[arg(long, env = "CHATOY_ROUTER_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub(crate) router_batch: u32,
+    #[command(flatten)]
+    pub(crate) tuning: RouterTuning,
 }
 
-impl StandaloneArgs {
-    pub(crate) fn router_config(&self) -> RouterConfig {
+/// How the router's workers batch and pipeline, for both roles that run one.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RouterTuning {
+    /// Most messages a router worker takes in one batch (one store write).
+    #[arg(long, env = "CHATOY_ROUTER_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub(crate) router_batch: u32,
+    /// Batches a router worker may have being written at once (1: each batch waits for the one before).
+    #[arg(long, env = "CHATOY_ROUTER_PIPELINE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) router_pipeline: u32,
+}
+
+impl RouterTuning {
+    pub(crate) fn config(&self, name: String, drain_timeout: Duration) -> RouterConfig {
         RouterConfig {
             max_batch: self.router_batch as usize,
-            ownership_timeout: None,
+            pipeline: self.router_pipeline as usize,
+            name,
+            drain_timeout,
+            ..RouterConfig::default()
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The router's small HTTP endpoint: `/healthz` (alive) and `/readyz` (NATS connected, store
-//! answering, not draining), for load balancers and Kubernetes probes.
+//! The router's small HTTP endpoint: `/healthz` (alive), `/readyz` (NATS connected, store
+//! answering, not draining) for load balancers and Kubernetes probes, and `/metrics`.
 
 use std::convert::Infallible;
 
@@ -14,7 +14,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves the probes until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, bus: DynBus, store: DynStore, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    bus: DynBus,
+    store: DynStore,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -23,11 +29,27 @@ pub(crate) async fn serve(listener: TcpListener, bus: DynBus, store: DynStore, s
             },
             _ = shutdown.cancelled() => return,
         };
-        let (bus, store, shutdown) = (bus.clone(), store.clone(), shutdown.clone());
+        let (bus, store, registry, shutdown) =
+            (bus.clone(), store.clone(), registry.clone(), shutdown.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (bus, store, shutdown) = (bus.clone(), store.clone(), shutdown.clone());
+                let (bus, store, registry, shutdown) =
+                    (bus.clone(), store.clone(), registry.clone(), shutdown.clone());
                 async move {
+                    if req.uri().path() == "/metrics" {
+                        let mut body = Vec::new();
+                        let _ = prometheus::Encoder::encode(
+                            &prometheus::TextEncoder::new(),
+                            &registry.gather(),
+                            &mut body,
+                        );
+                        let mut response = Response::new(Full::new(Bytes::from(body)));
+                        response.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        return Ok::<_, Infallible>(response);
+                    }
                     let (status, body) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "ok"),
                         "/readyz" if shutdown.is_cancelled() => (StatusCode::SERVICE_UNAVAILABLE, "draining"),

@@ -8,6 +8,7 @@ mod health;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use chatoy_bus::{InProcBus, NatsBus};
@@ -147,14 +148,16 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let store: chatoy_store::DynStore = Arc::new(store);
     let bus: chatoy_bus::DynBus = Arc::new(InProcBus::new(args.partitions as usize));
     let router_stop = CancellationToken::new();
-    let router = chatoy_router::start(
+    let router_config = args
+        .tuning
+        .config(node_name("standalone", &None), Duration::from_secs(10));
+    let router = tokio::spawn(chatoy_router::run(
+        router_config,
         bus.clone(),
         store.clone(),
-        args.router_config(),
+        chatoy_router::Metrics::unregistered(),
         router_stop.clone(),
-    )
-    .await
-    .context("cannot start the router")?;
+    ));
     let (listener, local) = bind(args.common.listen).await?;
     tracing::info!(%local, data_dir = %args.data_dir.display(), "chatoy standalone ready");
     println!("chatoy listening on http://{local}");
@@ -163,7 +166,10 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     router_stop.cancel();
-    router.wait().await;
+    router
+        .await
+        .context("the router task failed")?
+        .context("the router stopped")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -219,36 +225,21 @@ async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let (bus, store) = connect_cluster(&args.nats, &args.cql, &name).await?;
     let (listener, local) = bind(args.listen).await?;
     let shutdown = shutdown_on_signal();
-    let stop_work = CancellationToken::new();
-    let config = chatoy_router::RouterConfig {
-        max_batch: args.router_batch as usize,
-        ownership_timeout: Some(args.nats.failover_timeout),
-    };
-    // The bus may still be connecting: keep trying to take the work until it answers.
-    let workers = loop {
-        match chatoy_router::start(bus.clone(), store.clone(), config.clone(), stop_work.clone()).await {
-            Ok(workers) => break workers,
-            Err(err) => {
-                tracing::warn!(cause = %err, "cannot consume work yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-            }
-        }
-    };
+    let registry = prometheus::Registry::new();
+    let metrics = chatoy_router::Metrics::new(&registry).context("cannot register the router's metrics")?;
     tracing::info!(%local, node = %name, "chatoy router ready");
     println!("chatoy router health on http://{local}");
-    let probes = tokio::spawn(health::serve(listener, bus, store, shutdown.clone()));
-    shutdown.cancelled().await;
-    stop_work.cancel();
-    if tokio::time::timeout(args.drain_timeout, workers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout passed with work in hand; it will be redelivered");
-    }
+    let probes = tokio::spawn(health::serve(
+        listener,
+        bus.clone(),
+        store.clone(),
+        registry,
+        shutdown.clone(),
+    ));
+    let config = args.tuning.config(name, args.drain_timeout);
+    let result = chatoy_router::run(config, bus, store, metrics, shutdown).await;
     probes.abort();
+    result.context("the router stopped")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -54,10 +54,12 @@ impl InProcBus {
 impl Bus for InProcBus {
     async fn submit(&self, request: MsgRequest) -> Result<PendingReply, BusError> {
         let partitions = &self.inner.partitions;
-        let queue = &partitions[(request.room % partitions.len() as u64) as usize];
+        let partition = chatoy_protocol::partition_of(request.room, partitions.len() as u32);
+        let queue = &partitions[partition as usize];
         let (tx, rx) = oneshot::channel();
         let work = Work {
             request,
+            enqueued: Some(std::time::SystemTime::now()),
             responder: Responder::InProc(tx),
         };
         queue
@@ -77,7 +79,13 @@ impl Bus for InProcBus {
             })?;
         Ok(receivers
             .into_iter()
-            .map(|rx| Box::new(InProcWork { rx }) as Box<dyn WorkSource>)
+            .enumerate()
+            .map(|(partition, rx)| {
+                Box::new(InProcWork {
+                    rx,
+                    partition: partition as u32,
+                }) as Box<dyn WorkSource>
+            })
             .collect())
     }
 
@@ -116,10 +124,15 @@ impl Bus for InProcBus {
 
 struct InProcWork {
     rx: mpsc::Receiver<Work>,
+    partition: u32,
 }
 
 #[async_trait]
 impl WorkSource for InProcWork {
+    fn partition(&self) -> u32 {
+        self.partition
+    }
+
     async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
         self.rx.recv_many(out, max).await > 0
     }

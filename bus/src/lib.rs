@@ -80,14 +80,23 @@ pub async fn wait_reply(pending: PendingReply, timeout: Duration) -> Result<MsgR
 /// One partition of the work, consumed in order by one router worker.
 #[async_trait]
 pub trait WorkSource: Send {
+    /// The partition (`chatoy_protocol::partition_of`) this source delivers.
+    fn partition(&self) -> u32;
     /// Waits for at least one item, then moves up to `max` into `out`; false once the bus closed.
+    /// Cancel-safe: an item is either in `out` or still in the source.
     async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool;
+    /// Hands back what was received but not yet taken by [`WorkSource::next_batch`], to be
+    /// delivered again (to whichever router owns the partition then): a router that lost its
+    /// partition calls this so that it does not work on stale deliveries.
+    async fn release(&mut self) {}
 }
 
 /// One message to sequence, with the way back to the gateway that waits for it.
 pub struct Work {
     /// The message.
     pub request: MsgRequest,
+    /// When the bus took the message in, if it knows (a metric: the time it waited).
+    pub enqueued: Option<std::time::SystemTime>,
     responder: Responder,
 }
 

@@ -225,7 +225,7 @@ impl Bus for NatsBus {
             id,
         };
         let prefix = &self.config.prefix;
-        let partition = request.room % u64::from(self.config.partitions.max(1));
+        let partition = chatoy_protocol::partition_of(request.room, self.config.partitions);
         let subject = format!("{prefix}.msg.{partition}.{}", request.room);
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -361,12 +361,19 @@ struct Puller {
 
 impl Drop for NatsWork {
     fn drop(&mut self) {
+        // Pulled but never worked on (a router shutting down): hand back at once rather than
+        // after the ack wait.
+        self.stop_puller();
+    }
+}
+
+impl NatsWork {
+    /// Stops pulling and hands back (NAK) what was pulled but not taken.
+    fn stop_puller(&mut self) {
         let Some(mut puller) = self.puller.take() else {
             return;
         };
         puller.task.abort();
-        // Pulled but never worked on (a router shutting down): hand back at once rather than
-        // after the ack wait.
         let mut unworked = Vec::new();
         while let Ok(message) = puller.incoming.try_recv() {
             unworked.push(message);
@@ -381,9 +388,7 @@ impl Drop for NatsWork {
             }
         }
     }
-}
 
-impl NatsWork {
     fn start_puller(&self, max: usize) -> Puller {
         let (tx, incoming) = tokio::sync::mpsc::channel(max * 2);
         let consumer = self.consumer.clone();
@@ -428,9 +433,14 @@ impl NatsWork {
             .as_ref()
             .and_then(|headers| headers.get(REPLY_HEADER))
             .map(|value| value.as_str().to_owned());
+        let enqueued = message
+            .info()
+            .ok()
+            .map(|info| std::time::SystemTime::from(info.published));
         match serde_json::from_slice::<MsgRequest>(&message.payload) {
             Ok(request) => Some(Work {
                 request,
+                enqueued,
                 responder: Responder::Nats {
                     client: self.client.clone(),
                     reply,
@@ -450,6 +460,16 @@ impl NatsWork {
 
 #[async_trait]
 impl WorkSource for NatsWork {
+    fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    async fn release(&mut self) {
+        // The next `next_batch` pulls again; the server gives it work only if this router holds
+        // the partition's pin.
+        self.stop_puller();
+    }
+
     async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
         let max = max.max(1);
         if self.puller.is_none() {

@@ -99,6 +99,8 @@ fn store_error(err: StoreError) -> ApiError {
             tracing::warn!(%cause, "store unavailable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable")
         }
+        // Only the router's fenced writes can be deposed; the API makes none.
+        StoreError::Deposed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable"),
     }
 }
 

@@ -15,5 +15,11 @@ pub use codes::{AuthCode, SendCode};
 pub use frame::{ClientFrame, Message, MessageContent, ServerFrame};
 pub use time::Timestamp;
 
+/// The partition a room belongs to when rooms are spread over `partitions` sequencers (at least
+/// one): every process of a deployment must use the same count.
+pub fn partition_of(room: u64, partitions: u32) -> u32 {
+    (room % u64::from(partitions.max(1))) as u32
+}
+
 /// The largest id a user or a room may have: 2^53 - 1, the largest integer JavaScript holds exactly.
 pub const MAX_ID: u64 = (1 << 53) - 1;

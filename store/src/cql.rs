@@ -11,6 +11,7 @@
 //! (`id_blocks`) and session revocation. Everything else is plain idempotent upserts.
 
 mod exec;
+mod fenced;
 mod ids;
 mod messages;
 mod statements;
@@ -18,7 +19,7 @@ mod statements;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,7 +33,7 @@ use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::{
-    InsertOutcome, NewMessage, Session as StoreSession, Store, StoreError, StoreResult, UserWithHash,
+    Fence, PendingWrite, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult, UserWithHash,
 };
 use exec::{lwt, read_all, read_one, write, CqlResult};
 use ids::IdAllocator;
@@ -49,6 +50,10 @@ const SCHEMA: &[(&str, &str)] = &[
     ("005_messages.cql", include_str!("../schema/005_messages.cql")),
     ("006_id_blocks.cql", include_str!("../schema/006_id_blocks.cql")),
     ("007_room_heads.cql", include_str!("../schema/007_room_heads.cql")),
+    (
+        "008_fenced_sequencer.cql",
+        include_str!("../schema/008_fenced_sequencer.cql"),
+    ),
 ];
 
 /// Ten days, the default width of a message bucket.
@@ -274,16 +279,19 @@ pub async fn migrate(config: &CqlConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// The CQL [`Store`].
+/// The CQL [`Store`]. Cloning it is cheap: clones share the session and all state.
+#[derive(Clone)]
 pub struct CqlStore {
-    session: Session,
-    statements: Statements,
-    user_ids: IdAllocator,
-    room_ids: IdAllocator,
+    session: Arc<Session>,
+    statements: Arc<Statements>,
+    user_ids: Arc<IdAllocator>,
+    room_ids: Arc<IdAllocator>,
     /// The bucket width in nanoseconds, > 0.
     bucket_width: i64,
     /// The newest bucket this process recorded in `message_buckets`, per room.
-    recorded_buckets: Mutex<HashMap<u64, i64>>,
+    recorded_buckets: Arc<Mutex<HashMap<u64, i64>>>,
+    /// The partitions this process writes under a fence (`fenced.rs`).
+    lanes: Arc<parking_lot::Mutex<fenced::Lanes>>,
 }
 
 impl CqlStore {
@@ -312,12 +320,13 @@ impl CqlStore {
                 )
             })?;
         Ok(CqlStore {
-            session,
-            statements,
-            user_ids: IdAllocator::new("users"),
-            room_ids: IdAllocator::new("rooms"),
+            session: Arc::new(session),
+            statements: Arc::new(statements),
+            user_ids: Arc::new(IdAllocator::new("users")),
+            room_ids: Arc::new(IdAllocator::new("rooms")),
             bucket_width: config.bucket_width_nanos,
-            recorded_buckets: Mutex::new(HashMap::new()),
+            recorded_buckets: Arc::default(),
+            lanes: Arc::default(),
         })
     }
 
@@ -475,9 +484,6 @@ impl Store for CqlStore {
             (id as i64, name, description, now.0),
         )
         .await?;
-        // A new room has a head from the start, so that its first batch too becomes visible
-        // only once completely stored.
-        self.advance_head(id, 0).await?;
         self.write_membership(id, creator, now).await?;
         Ok(Room {
             id,
@@ -536,12 +542,20 @@ impl Store for CqlStore {
         Ok(rooms.into_iter().flatten().collect())
     }
 
-    async fn insert_messages(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<InsertOutcome>> {
-        Ok(self.insert_batch(batch).await?)
+    async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
+        Ok(self.claim_partition(partition, owner).await?)
     }
 
-    async fn last_sent(&self, room: u64) -> StoreResult<Option<Timestamp>> {
-        Ok(self.last_sent_of(room).await?)
+    async fn open_room(&self, fence: Fence, room: u64) -> StoreResult<Option<Timestamp>> {
+        self.open_fenced(fence, room).await
+    }
+
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>> {
+        Ok(self.find_fenced(room, uuids).await?)
+    }
+
+    async fn submit(&self, fence: Fence, batch: Vec<RoomBatch>) -> StoreResult<PendingWrite> {
+        self.submit_fenced(fence, batch)
     }
 
     async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {

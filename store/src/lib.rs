@@ -30,6 +30,10 @@ pub enum StoreError {
     /// The backend cannot answer now (busy, down, timed out); the caller may retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A fenced write found its partition claimed by a newer writer: this writer is deposed and
+    /// must not acknowledge anything of the write (see [`Store::submit`]).
+    #[error("the partition was claimed by another writer")]
+    Deposed,
 }
 
 /// Shorthand for store results.
@@ -68,15 +72,30 @@ pub struct NewMessage {
     pub sent: Timestamp,
 }
 
-/// What happened to one [`NewMessage`] of a batch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum InsertOutcome {
-    /// Stored now.
-    Inserted,
-    /// A message with the same uuid already exists in that room; nothing was written. The
-    /// caller compares sender and content to decide between an idempotent success and a refusal.
-    Duplicate(Message),
+/// A router's exclusive right to write the rooms of one partition, claimed in the store once per
+/// takeover ([`Store::claim`]). A newer claim of the partition deposes every older fence: their
+/// writes fail with [`StoreError::Deposed`] and never become visible out of order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The partition (see `chatoy_protocol::partition_of`).
+    pub partition: u32,
+    /// Strictly increasing per partition, one per claim.
+    pub epoch: u64,
 }
+
+/// One room's share of a sequenced batch: its new messages in `sent` order, every `sent`
+/// greater than everything already stored or submitted for the room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomBatch {
+    /// The room.
+    pub room: u64,
+    /// Its messages, oldest first.
+    pub messages: Vec<NewMessage>,
+}
+
+/// The outcome of a submitted write, still to come: `Ok` once the whole batch is durable and
+/// visible to readers, and the fence still held after the write.
+pub type PendingWrite = futures_util::future::BoxFuture<'static, StoreResult<()>>;
 
 /// Everything Chatoy keeps. Every method is safe to call concurrently.
 #[async_trait]
@@ -115,11 +134,27 @@ pub trait Store: Send + Sync + 'static {
     /// The rooms the user has joined, in join order.
     async fn user_rooms(&self, user: u64) -> StoreResult<Vec<Room>>;
 
-    /// Stores a batch atomically per message, de-duplicating by (room, uuid); one outcome per
-    /// input, in order. A uuid repeated within the batch is a duplicate of its first occurrence.
-    async fn insert_messages(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<InsertOutcome>>;
-    /// The greatest `sent` stored in the room, if any.
-    async fn last_sent(&self, room: u64) -> StoreResult<Option<Timestamp>>;
+    /// Claims `partition` for a new writer with one lightweight transaction (or transaction):
+    /// the returned fence's epoch is greater than every earlier one, and writes under any older
+    /// fence of the partition fail from now on. `owner` names the claimant in the store.
+    async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence>;
+    /// Makes `room` ready to be written under `fence` and returns the newest `sent` of its
+    /// sequence (`None` for a room without messages). A deposed writer's late writes to the room
+    /// can never become visible after this returns: what readers may have seen is kept, the rest
+    /// is fenced off. Call it before sequencing a room after every claim.
+    async fn open_room(&self, fence: Fence, room: u64) -> StoreResult<Option<Timestamp>>;
+    /// The stored messages of `room` whose uuid is among `uuids` (each at most once), in no
+    /// particular order: the idempotency lookup for uuids the sequencer does not remember.
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>>;
+    /// Queues a batch to be written under `fence`. Returns once queued — batches are written in
+    /// the order of these calls, and a reader never sees a later batch of a room without an
+    /// earlier one — with the wait for the outcome: `Ok` when the whole batch is durable and
+    /// visible and the fence still held after the write (only then may it be acknowledged);
+    /// [`StoreError::Deposed`] when a newer claim took the partition (nothing of it may be
+    /// acknowledged; it may or may not become visible, in order); [`StoreError::Unavailable`]
+    /// when the outcome is unknown. After any error the writer must claim again before writing:
+    /// the new claim's [`Store::open_room`] settles what the failed batches left behind.
+    async fn submit(&self, fence: Fence, batch: Vec<RoomBatch>) -> StoreResult<PendingWrite>;
     /// Up to `limit` messages of the room with `sent < before`, newest first.
     async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
     /// The newest `limit` messages of the room with `sent > after`, oldest first.

@@ -15,7 +15,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{InsertOutcome, NewMessage, Session, Store, StoreError, StoreResult, UserWithHash};
+use crate::{Fence, PendingWrite, RoomBatch, Session, Store, StoreError, StoreResult, UserWithHash};
 
 const SCHEMA: &str = include_str!("sqlite_schema.sql");
 /// Most writes grouped into one transaction.
@@ -83,6 +83,19 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        self.enqueue(f).await?.await
+    }
+
+    /// Queues a write for the writer thread; returns once it is queued (writes run in the order
+    /// they were queued) with the wait for its result.
+    async fn enqueue<T, F>(
+        &self,
+        f: F,
+    ) -> StoreResult<futures_util::future::BoxFuture<'static, StoreResult<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job = Box::new(Job {
             f: Some(f),
@@ -93,8 +106,10 @@ impl SqliteStore {
             .send(job)
             .await
             .map_err(|_| StoreError::Unavailable("the writer thread stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the writer thread stopped".into()))?
+        Ok(Box::pin(async move {
+            rx.await
+                .map_err(|_| StoreError::Unavailable("the writer thread stopped".into()))?
+        }))
     }
 }
 
@@ -136,7 +151,7 @@ where
     fn run(&mut self, conn: &Connection) -> bool {
         let Some(f) = self.f.take() else { return false };
         let result = f(conn);
-        let ok = !matches!(result, Err(StoreError::Unavailable(_)));
+        let ok = !matches!(result, Err(StoreError::Unavailable(_) | StoreError::Deposed));
         self.result = Some(result);
         ok
     }
@@ -233,33 +248,39 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
 
 const MESSAGE_COLUMNS: &str = "room_id, sent, uuid, sender, content, modified";
 
-fn insert_one(conn: &Connection, message: &NewMessage) -> rusqlite::Result<InsertOutcome> {
-    let content = serde_json::to_string(&message.content)
-        .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))?;
-    let inserted = conn
+/// Writes one batch under `fence`, in the writer's transaction: nothing if the fence no longer
+/// holds.
+fn write_batch(conn: &Connection, fence: Fence, batch: &[RoomBatch]) -> StoreResult<()> {
+    let epoch: Option<i64> = conn
+        .prepare_cached("SELECT epoch FROM partition_owners WHERE partition = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([i64::from(fence.partition)], |row| row.get(0))
+                .optional()
+        })
+        .map_err(unavailable)?;
+    if epoch != Some(fence.epoch as i64) {
+        return Err(StoreError::Deposed);
+    }
+    let mut insert = conn
         .prepare_cached(
             "INSERT INTO messages (room_id, sent, uuid, sender, content, modified)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (room_id, uuid) DO NOTHING",
-        )?
-        .execute(params![
-            message.room as i64,
-            message.sent.0,
-            message.uuid.as_bytes(),
-            message.sender as i64,
-            content
-        ])?;
-    if inserted == 1 {
-        return Ok(InsertOutcome::Inserted);
+             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        )
+        .map_err(unavailable)?;
+    for message in batch.iter().flat_map(|room| &room.messages) {
+        let content = serde_json::to_string(&message.content)
+            .map_err(|err| StoreError::Unavailable(format!("cannot encode message content: {err}")))?;
+        insert
+            .execute(params![
+                message.room as i64,
+                message.sent.0,
+                message.uuid.as_bytes(),
+                message.sender as i64,
+                content
+            ])
+            .map_err(unavailable)?;
     }
-    let existing = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND uuid = ?2"
-        ))?
-        .query_row(
-            params![message.room as i64, message.uuid.as_bytes()],
-            message_from_row,
-        )?;
-    Ok(InsertOutcome::Duplicate(existing))
+    Ok(())
 }
 
 #[async_trait]
@@ -444,24 +465,64 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_messages(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<InsertOutcome>> {
+    async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
+        let owner = owner.to_owned();
         self.write(move |conn| {
-            batch
-                .iter()
-                .map(|message| insert_one(conn, message))
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(unavailable)
+            conn.prepare_cached(
+                "INSERT INTO partition_owners (partition, epoch, owner, claimed) VALUES (?1, 1, ?2, ?3)
+                 ON CONFLICT (partition) DO UPDATE
+                 SET epoch = epoch + 1, owner = excluded.owner, claimed = excluded.claimed
+                 RETURNING epoch",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![i64::from(partition), owner, Timestamp::now().0], |row| {
+                    row.get::<_, i64>(0)
+                })
+            })
+            .map(|epoch| Fence {
+                partition,
+                epoch: epoch as u64,
+            })
+            .map_err(unavailable)
         })
         .await
     }
 
-    async fn last_sent(&self, room: u64) -> StoreResult<Option<Timestamp>> {
+    async fn open_room(&self, _fence: Fence, room: u64) -> StoreResult<Option<Timestamp>> {
+        // Every write is one transaction that checks its fence: a deposed writer's write either
+        // committed before the claim (and is kept) or fails. Nothing to seal.
         self.read(move |conn| {
             conn.prepare_cached("SELECT max(sent) FROM messages WHERE room_id = ?1")?
                 .query_row([room as i64], |row| row.get::<_, Option<i64>>(0))
                 .map(|sent| sent.map(Timestamp))
         })
         .await
+    }
+
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>> {
+        let mut uuids = uuids.to_vec();
+        uuids.sort_unstable();
+        uuids.dedup();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND uuid = ?2"
+            ))?;
+            let mut found = Vec::new();
+            for uuid in uuids {
+                if let Some(message) = stmt
+                    .query_row(params![room as i64, uuid.as_bytes()], message_from_row)
+                    .optional()?
+                {
+                    found.push(message);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn submit(&self, fence: Fence, batch: Vec<RoomBatch>) -> StoreResult<PendingWrite> {
+        self.enqueue(move |conn| write_batch(conn, fence, &batch)).await
     }
 
     async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {

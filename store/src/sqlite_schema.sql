@@ -47,3 +47,12 @@ CREATE TABLE IF NOT EXISTS messages (
 ) WITHOUT ROWID;
 
 CREATE UNIQUE INDEX IF NOT EXISTS message_ids ON messages (room_id, uuid);
+
+-- Who may write each partition's rooms: a claim raises the epoch, and every message write checks
+-- the epoch it was sequenced under inside its transaction, so a deposed writer's write fails.
+CREATE TABLE IF NOT EXISTS partition_owners (
+    partition INTEGER PRIMARY KEY,
+    epoch     INTEGER NOT NULL,
+    owner     TEXT    NOT NULL,
+    claimed   INTEGER NOT NULL
+);

@@ -10,7 +10,8 @@ use std::time::Duration;
 use chatoy_protocol::{MessageContent, Timestamp, MAX_ID};
 use chatoy_store::cql::migrate;
 use chatoy_store::{
-    CqlConfig, CqlStore, DynStore, InsertOutcome, NewMessage, Session, SqliteConfig, SqliteStore, StoreError,
+    CqlConfig, CqlStore, DynStore, Fence, NewMessage, RoomBatch, Session, SqliteConfig, SqliteStore,
+    StoreError, StoreResult,
 };
 use futures_util::FutureExt;
 use scylla::client::session::Session as CqlSession;
@@ -231,68 +232,202 @@ async fn rooms(store: DynStore) {
     assert_eq!(store.user_rooms(alice.id).await.unwrap(), vec![first]);
 }
 
-async fn idempotent_inserts(store: DynStore) {
-    let first = message(1, 7, 100, "one");
-    let mut again = first.clone();
-    again.sent = Timestamp(200);
-    let other = message(1, 7, 300, "two");
-    let outcomes = store
-        .insert_messages(vec![first.clone(), again.clone(), other.clone()])
-        .await
-        .unwrap();
-    assert_eq!(outcomes[0], InsertOutcome::Inserted);
-    let InsertOutcome::Duplicate(existing) = &outcomes[1] else {
-        panic!("a uuid repeated in the batch is a duplicate: {outcomes:?}");
-    };
-    assert_eq!(existing.sent, Timestamp(100));
-    assert_eq!(existing.uuid, first.uuid.hyphenated().to_string());
-    assert_eq!(existing.data, text("one"));
-    assert_eq!(outcomes[2], InsertOutcome::Inserted);
-    // The same uuid in another room is another message.
-    let mut elsewhere = first.clone();
-    elsewhere.room = 2;
-    assert_eq!(
-        store.insert_messages(vec![elsewhere]).await.unwrap(),
-        vec![InsertOutcome::Inserted]
-    );
-    assert_eq!(store.last_sent(1).await.unwrap(), Some(Timestamp(300)));
-    assert_eq!(store.last_sent(3).await.unwrap(), None);
-    assert_eq!(store.history(1, Timestamp(i64::MAX), 10).await.unwrap().len(), 2);
-}
-
-async fn concurrent_inserts_of_one_uuid(store: DynStore) {
-    let base = message(5, 1, 1_000, "race");
-    let tasks: Vec<_> = (0..8)
-        .map(|n| {
-            let store = store.clone();
-            let mut attempt = base.clone();
-            attempt.sent = Timestamp(1_000 + n);
-            tokio::spawn(async move { store.insert_messages(vec![attempt]).await })
-        })
-        .collect();
-    let mut inserted = 0;
-    let mut sents = Vec::new();
-    for task in tasks {
-        match task.await.unwrap().unwrap().remove(0) {
-            InsertOutcome::Inserted => inserted += 1,
-            InsertOutcome::Duplicate(existing) => sents.push(existing.sent),
+/// Writes `rows` under `fence` the way a router does: opens each room, then submits one batch
+/// with the rooms in order of first appearance.
+async fn write_under(store: &DynStore, fence: Fence, rows: Vec<NewMessage>) -> StoreResult<()> {
+    let mut batch: Vec<RoomBatch> = Vec::new();
+    for row in rows {
+        match batch.iter_mut().find(|room| room.room == row.room) {
+            Some(room) => room.messages.push(row),
+            None => batch.push(RoomBatch {
+                room: row.room,
+                messages: vec![row],
+            }),
         }
     }
-    assert_eq!(inserted, 1);
-    let stored = store.history(5, Timestamp(i64::MAX), 10).await.unwrap();
-    assert_eq!(stored.len(), 1);
-    assert!(sents.iter().all(|sent| *sent == stored[0].sent));
+    for room in &batch {
+        store.open_room(fence, room.room).await?;
+    }
+    store.submit(fence, batch).await?.await
+}
+
+/// Stores `rows` as a newly started router would: a fresh claim of partition 0, then one batch.
+async fn store_messages(store: &DynStore, rows: Vec<NewMessage>) {
+    let fence = store.claim(0, "contract").await.expect("claim");
+    write_under(store, fence, rows).await.expect("write");
+}
+
+fn sents(messages: &[chatoy_protocol::Message]) -> Vec<i64> {
+    messages.iter().map(|m| m.sent.0).collect()
+}
+
+/// Claims raise the epoch per partition; a room's head and its stored uuids are found again.
+async fn fenced_writes(store: DynStore) {
+    let first = store.claim(3, "a").await.unwrap();
+    let second = store.claim(3, "b").await.unwrap();
+    let other = store.claim(4, "b").await.unwrap();
+    assert_eq!((first.partition, second.partition, other.partition), (3, 3, 4));
+    assert!(second.epoch > first.epoch);
+    assert_eq!(
+        store.open_room(second, 1).await.unwrap(),
+        None,
+        "a room without messages"
+    );
+    let one = message(1, 7, 100, "one");
+    let two = message(1, 7, 300, "two");
+    let mut elsewhere = one.clone();
+    elsewhere.room = 2;
+    elsewhere.sent = Timestamp(150);
+    write_under(&store, second, vec![one.clone(), two.clone(), elsewhere.clone()])
+        .await
+        .unwrap();
+    assert_eq!(store.open_room(second, 1).await.unwrap(), Some(Timestamp(300)));
+    assert_eq!(store.open_room(second, 2).await.unwrap(), Some(Timestamp(150)));
+    let mut found = store
+        .find_messages(1, &[two.uuid, uuid::Uuid::new_v4(), one.uuid, one.uuid])
+        .await
+        .unwrap();
+    found.sort_by_key(|m| m.sent);
+    assert_eq!(sents(&found), vec![100, 300]);
+    assert_eq!(found[0].uuid, one.uuid.hyphenated().to_string());
+    assert_eq!((found[0].sender, &found[0].data), (7, &text("one")));
+    // The same uuid in another room is another message.
+    assert_eq!(
+        sents(&store.find_messages(2, &[one.uuid]).await.unwrap()),
+        vec![150]
+    );
+    assert!(store.find_messages(3, &[one.uuid]).await.unwrap().is_empty());
+    // A newer claim of the partition deposes the older one; others are untouched.
+    let third = store.claim(3, "c").await.unwrap();
+    assert!(third.epoch > second.epoch);
+    let late = write_under(&store, second, vec![message(1, 7, 400, "late")]).await;
+    assert!(matches!(late, Err(StoreError::Deposed)), "{late:?}");
+    assert_eq!(store.open_room(third, 1).await.unwrap(), Some(Timestamp(300)));
+    write_under(&store, other, vec![message(5, 7, 10, "p4")])
+        .await
+        .unwrap();
+}
+
+/// A deposed writer's late batch is never acknowledged and never becomes visible among the new
+/// owner's messages, whether it lands before or after the new owner opens the room.
+async fn deposed_writer_late_batch(store: DynStore) {
+    let base = Timestamp::now().0;
+    let at = |offset: i64| base + offset;
+    let old = store.claim(6, "old").await.unwrap();
+    store.open_room(old, 6).await.unwrap();
+    store.open_room(old, 16).await.unwrap();
+    store
+        .submit(
+            old,
+            vec![RoomBatch {
+                room: 6,
+                messages: vec![message(6, 1, at(10), "a")],
+            }],
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Room 6: the new owner opens the room, then the old owner's batch lands.
+    let new = store.claim(6, "new").await.unwrap();
+    assert_eq!(store.open_room(new, 6).await.unwrap(), Some(Timestamp(at(10))));
+    let late = vec![message(6, 1, at(20), "late 1"), message(6, 1, at(30), "late 2")];
+    let late_uuids: Vec<uuid::Uuid> = late.iter().map(|m| m.uuid).collect();
+    let outcome = match store
+        .submit(
+            old,
+            vec![RoomBatch {
+                room: 6,
+                messages: late,
+            }],
+        )
+        .await
+    {
+        Ok(pending) => pending.await,
+        Err(err) => Err(err),
+    };
+    assert!(matches!(outcome, Err(StoreError::Deposed)), "{outcome:?}");
+    write_under(
+        &store,
+        new,
+        vec![message(6, 2, at(25), "c"), message(6, 2, at(40), "d")],
+    )
+    .await
+    .unwrap();
+    let history = store.history(6, Timestamp(i64::MAX), 10).await.unwrap();
+    assert_eq!(
+        sents(&history),
+        vec![at(40), at(25), at(10)],
+        "the late batch stays invisible"
+    );
+    assert_eq!(
+        sents(&store.since(6, Timestamp(at(10)), 10).await.unwrap()),
+        vec![at(25), at(40)]
+    );
+    assert!(store.find_messages(6, &late_uuids).await.unwrap().is_empty());
+    // Room 16: the old owner's late batch lands before the new owner opens the room. It is not
+    // acknowledged; if readers ever see it, they see it before everything the new owner writes.
+    let late = vec![message(16, 1, at(50), "late 3")];
+    let late_uuid = late[0].uuid;
+    let outcome = match store
+        .submit(
+            old,
+            vec![RoomBatch {
+                room: 16,
+                messages: late,
+            }],
+        )
+        .await
+    {
+        Ok(pending) => pending.await,
+        Err(err) => Err(err),
+    };
+    assert!(matches!(outcome, Err(StoreError::Deposed)), "{outcome:?}");
+    let head = store.open_room(new, 16).await.unwrap();
+    write_under(&store, new, vec![message(16, 2, at(60), "e")])
+        .await
+        .unwrap();
+    let history = store.history(16, Timestamp(i64::MAX), 10).await.unwrap();
+    let kept = store.find_messages(16, &[late_uuid]).await.unwrap();
+    match head {
+        None => {
+            assert_eq!(sents(&history), vec![at(60)]);
+            assert!(kept.is_empty());
+        }
+        Some(head) => {
+            assert_eq!(head, Timestamp(at(50)));
+            assert_eq!(sents(&history), vec![at(60), at(50)]);
+            assert_eq!(sents(&kept), vec![at(50)]);
+        }
+    }
+}
+
+/// Batches submitted one after the other without waiting are all written, in order.
+async fn pipelined_batches(store: DynStore) {
+    let fence = store.claim(2, "pipeline").await.unwrap();
+    store.open_room(fence, 2).await.unwrap();
+    let mut pending = Vec::new();
+    for n in 1..=20 {
+        let batch = vec![RoomBatch {
+            room: 2,
+            messages: vec![message(2, 1, n * 10, "a"), message(2, 1, n * 10 + 5, "b")],
+        }];
+        pending.push(store.submit(fence, batch).await.unwrap());
+    }
+    for write in pending {
+        write.await.unwrap();
+    }
+    let all = store.since(2, Timestamp(0), 100).await.unwrap();
+    let expected: Vec<i64> = (1..=20).flat_map(|n| [n * 10, n * 10 + 5]).collect();
+    assert_eq!(sents(&all), expected);
 }
 
 async fn history_and_since(store: DynStore) {
     let rows: Vec<NewMessage> = (1..=120)
         .map(|n| message(9, 1, n * 10, &format!("m{n}")))
         .collect();
-    store.insert_messages(rows).await.unwrap();
-    store
-        .insert_messages(vec![message(8, 1, 55, "other room")])
-        .await
-        .unwrap();
+    store_messages(&store, rows).await;
+    store_messages(&store, vec![message(8, 1, 55, "other room")]).await;
     // Page backwards through everything, 50 at a time.
     let mut seen = Vec::new();
     let mut before = Timestamp(i64::MAX);
@@ -335,11 +470,7 @@ async fn durable_across_reopen() {
         .create_room("r", "", user.id, Timestamp(2))
         .await
         .unwrap();
-    fresh
-        .store
-        .insert_messages(vec![message(room.id, user.id, 3, "kept")])
-        .await
-        .unwrap();
+    store_messages(&fresh.store, vec![message(room.id, user.id, 3, "kept")]).await;
     let reopened = SqliteStore::open(&sqlite_config(fresh.dir.as_deref().unwrap())).unwrap();
     let history = chatoy_store::Store::history(&reopened, room.id, Timestamp(i64::MAX), 10)
         .await
@@ -353,10 +484,7 @@ async fn durable_across_reopen() {
 async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
     let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = store.create_room("r", "", user.id, Timestamp(2)).await.unwrap();
-    store
-        .insert_messages(vec![message(room.id, user.id, 3, "kept")])
-        .await
-        .unwrap();
+    store_messages(&store, vec![message(room.id, user.id, 3, "kept")]).await;
     migrate(&fresh.config).await.expect("migrate twice");
     let other: DynStore = Arc::new(CqlStore::connect(&fresh.config).await.unwrap());
     let history = other.history(room.id, Timestamp(i64::MAX), 10).await.unwrap();
@@ -400,7 +528,7 @@ async fn cql_pages_across_buckets(store: DynStore) {
         .iter()
         .map(|sent| message(4, 1, *sent, &format!("at {sent}")))
         .collect();
-    store.insert_messages(rows).await.unwrap();
+    store_messages(&store, rows).await;
     let newest_first: Vec<i64> = sents.iter().rev().copied().collect();
     for limit in 1..=sents.len() + 1 {
         let mut seen = Vec::new();
@@ -447,7 +575,6 @@ async fn cql_pages_across_buckets(store: DynStore) {
         vec![5_000_001]
     );
     assert_eq!(sents_of(store.since(4, Timestamp(-1), 1).await.unwrap()).len(), 1);
-    assert_eq!(store.last_sent(4).await.unwrap(), Some(Timestamp(5_000_001)));
     // A room that never had a message, created or not.
     let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = store
@@ -461,52 +588,7 @@ async fn cql_pages_across_buckets(store: DynStore) {
             .unwrap()
             .is_empty());
         assert!(store.since(room, Timestamp(0), 10).await.unwrap().is_empty());
-        assert_eq!(store.last_sent(room).await.unwrap(), None);
     }
-}
-
-/// A claim in `message_ids` whose `messages` row was never written (its writer died between
-/// the two writes) is taken over by the next insert of that uuid by the same sender, at that
-/// insert's `sent`, and only then.
-async fn cql_repairs_a_claim_without_its_row(fresh: Arc<FreshCql>, store: DynStore) {
-    let orphan = uuid::Uuid::new_v4();
-    // Written an hour ago: its writer is long dead.
-    let claim = format!(
-        "INSERT INTO {}.message_ids (room_id, uuid, sent, sender) VALUES (3, ?, 700, 4) USING TIMESTAMP {}",
-        fresh.config.keyspace,
-        Timestamp::now().0 / 1_000 - 3_600_000_000
-    );
-    fresh.admin.query_unpaged(claim, (orphan,)).await.unwrap();
-    // Another sender reusing the uuid gets the claim back (with its sender) and writes nothing.
-    let mut intruder = message(3, 5, 900, "not mine");
-    intruder.uuid = orphan;
-    let outcome = store.insert_messages(vec![intruder]).await.unwrap();
-    let InsertOutcome::Duplicate(existing) = &outcome[0] else {
-        panic!("a claimed uuid is a duplicate: {outcome:?}");
-    };
-    assert_eq!((existing.sender, existing.sent), (4, Timestamp(700)));
-    assert!(store
-        .history(3, Timestamp(i64::MAX), 10)
-        .await
-        .unwrap()
-        .is_empty());
-    // The original sender's retry stores it as new, at the `sent` it carries now (its writer
-    // never acknowledged it), not back-dated to the claim's.
-    let mut retry = message(3, 4, 900, "again");
-    retry.uuid = orphan;
-    let outcome = store.insert_messages(vec![retry.clone()]).await.unwrap();
-    assert_eq!(outcome, vec![InsertOutcome::Inserted]);
-    let stored = store.history(3, Timestamp(i64::MAX), 10).await.unwrap();
-    assert_eq!(stored.len(), 1);
-    let repaired = &stored[0];
-    assert_eq!((repaired.sender, repaired.sent), (4, Timestamp(900)));
-    assert_eq!(repaired.data, text("again"));
-    assert_eq!(store.last_sent(3).await.unwrap(), Some(Timestamp(900)));
-    // From now on it is an ordinary duplicate.
-    assert_eq!(
-        store.insert_messages(vec![retry]).await.unwrap(),
-        vec![InsertOutcome::Duplicate(repaired.clone())]
-    );
 }
 
 macro_rules! contract {
@@ -524,8 +606,8 @@ macro_rules! contract {
     };
 }
 
-contract!(sqlite: users, sessions, rooms, idempotent_inserts, concurrent_inserts_of_one_uuid, history_and_since);
-contract!(cql: users, sessions, rooms, idempotent_inserts, concurrent_inserts_of_one_uuid, history_and_since);
+contract!(sqlite: users, sessions, rooms, fenced_writes, deposed_writer_late_batch, pipelined_batches, history_and_since);
+contract!(cql: users, sessions, rooms, fenced_writes, deposed_writer_late_batch, pipelined_batches, history_and_since);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_is_durable_across_reopen() {
@@ -548,12 +630,5 @@ mod cql_only {
         let fresh = cql().await;
         let (cql, store) = (fresh.cql(), fresh.store.clone());
         guarded(fresh, cql_durable_across_reconnect(cql, store)).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn repairs_a_claim_without_its_row() {
-        let fresh = cql().await;
-        let (cql, store) = (fresh.cql(), fresh.store.clone());
-        guarded(fresh, cql_repairs_a_claim_without_its_row(cql, store)).await;
     }
 }

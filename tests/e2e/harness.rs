@@ -273,6 +273,20 @@ impl Process {
         status
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the running process.
+    pub(crate) fn signal(&self, signal: &str) {
+        let child = self
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
     /// Sends SIGKILL and waits for the process to be gone.
     pub(crate) async fn kill(&mut self) {
         let child = self

@@ -411,6 +411,11 @@ impl Cluster {
         self.gateways[n - 1].terminate(limit).await
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to router `n`.
+    pub(crate) fn signal_router(&self, n: usize, signal: &str) {
+        self.routers[n - 1].signal(signal);
+    }
+
     /// SIGKILLs router `n`.
     pub(crate) async fn kill_router(&mut self, n: usize) {
         self.routers[n - 1].kill().await;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, Control, Member, MemberSpec, Seen};
 use crate::harness::{run_command, Api, TempDir};
-use crate::minicluster::{Cluster, Spec};
+use crate::minicluster::{Cluster, Spec, FAILOVER_TIMEOUT};
 use crate::proxy::TcpProxy;
 
 const ROOMS: usize = 4;
@@ -44,15 +44,17 @@ const GATEWAY_FLAGS: [&str; 8] = [
 enum Fault {
     KillGateway,
     KillRouter,
+    FreezeRouter,
     CutGatewayNats,
     RollingRestart,
     RestartNats,
     CassandraDown,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::KillGateway,
     Fault::KillRouter,
+    Fault::FreezeRouter,
     Fault::CutGatewayNats,
     Fault::RollingRestart,
     Fault::RestartNats,
@@ -65,6 +67,7 @@ impl Fault {
         match self {
             Fault::KillGateway => "kill-gateway",
             Fault::KillRouter => "kill-router",
+            Fault::FreezeRouter => "freeze-router",
             Fault::CutGatewayNats => "cut-gateway-nats",
             Fault::RollingRestart => "rolling-restart",
             Fault::RestartNats => "restart-nats",
@@ -76,6 +79,7 @@ impl Fault {
         match self {
             Fault::KillGateway => "SIGKILL gateway 1 (restarted 3 s later)",
             Fault::KillRouter => "SIGKILL router 1 (restarted 3 s later)",
+            Fault::FreezeRouter => "SIGSTOP router 1 for 3 failover timeouts, then SIGCONT",
             Fault::CutGatewayNats => "gateway 3 cut from NATS for 5 s, sockets open",
             Fault::RollingRestart => "SIGTERM and restart each gateway in turn",
             Fault::RestartNats => "restart nats-server",
@@ -262,6 +266,14 @@ async fn inject(fault: Fault, cluster: &mut Cluster, proxy: &TcpProxy, nats: &Pr
         }
         Fault::KillRouter => {
             cluster.kill_router(1).await;
+            Instant::now()
+        }
+        Fault::FreezeRouter => {
+            // Frozen, not dead: its partitions move to router 2 while it may still hold writes
+            // and answers in flight, which it carries on with once it thaws.
+            cluster.signal_router(1, "STOP");
+            tokio::time::sleep(FAILOVER_TIMEOUT * 3).await;
+            cluster.signal_router(1, "CONT");
             Instant::now()
         }
         Fault::CutGatewayNats => {

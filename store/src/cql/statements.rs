@@ -36,16 +36,20 @@ pub(crate) struct Statements {
     pub(crate) user_room_insert: PreparedStatement,
     pub(crate) user_rooms_read: PreparedStatement,
 
-    pub(crate) message_claim: PreparedStatement,
-    pub(crate) message_claim_read: PreparedStatement,
-    pub(crate) message_claim_age: PreparedStatement,
     pub(crate) message_insert: PreparedStatement,
-    pub(crate) message_reclaim: PreparedStatement,
     pub(crate) messages_between: PreparedStatement,
     pub(crate) head_read: PreparedStatement,
-    pub(crate) head_write: PreparedStatement,
-    pub(crate) message_delete: PreparedStatement,
+    pub(crate) messages_after_delete: PreparedStatement,
     pub(crate) message_at: PreparedStatement,
+    pub(crate) uuid_insert: PreparedStatement,
+    pub(crate) uuids_read: PreparedStatement,
+    pub(crate) owner_read: PreparedStatement,
+    pub(crate) owner_serial_read: PreparedStatement,
+    pub(crate) owner_create: PreparedStatement,
+    pub(crate) owner_take: PreparedStatement,
+    pub(crate) sequence_read: PreparedStatement,
+    pub(crate) sequence_epoch_write: PreparedStatement,
+    pub(crate) sequence_write: PreparedStatement,
     pub(crate) messages_before: PreparedStatement,
     pub(crate) newest_sent: PreparedStatement,
     pub(crate) bucket_insert: PreparedStatement,
@@ -77,10 +81,6 @@ impl Statements {
     /// transactions; claims that must be unique cluster-wide (usernames, id blocks) always use
     /// `SERIAL`, so that two datacenters can never both win them.
     pub(crate) async fn prepare(session: &Session, local_serial: SerialConsistency) -> CqlResult<Self> {
-        let serial_read = match local_serial {
-            SerialConsistency::LocalSerial => Consistency::LocalSerial,
-            SerialConsistency::Serial => Consistency::Serial,
-        };
         let global = SerialConsistency::Serial;
         let prepare = |cql: String, kind: Kind| async move {
             let mut statement = session.prepare(cql).await?;
@@ -180,32 +180,12 @@ impl Statements {
             )
             .await?,
 
-            message_claim: prepare(
-                s("INSERT INTO message_ids (room_id, uuid, sent, sender) VALUES (?, ?, ?, ?) IF NOT EXISTS"),
-                Kind::Lwt(local_serial),
-            )
-            .await?,
-            message_claim_age: prepare(
-                s("SELECT sent, WRITETIME(sent) FROM message_ids WHERE room_id = ? AND uuid = ?"),
-                Kind::SerialRead(serial_read),
-            )
-            .await?,
-            message_claim_read: prepare(
-                s("SELECT sent, sender FROM message_ids WHERE room_id = ? AND uuid = ?"),
-                Kind::SerialRead(serial_read),
-            )
-            .await?,
             message_insert: prepare(
                 s(
                     "INSERT INTO messages (room_id, bucket, sent, uuid, sender, content, modified)
-                   VALUES (?, ?, ?, ?, ?, ?, false)",
+                   VALUES (?, ?, ?, ?, ?, ?, false) USING TIMESTAMP ?",
                 ),
                 Kind::Write,
-            )
-            .await?,
-            message_reclaim: prepare(
-                s("UPDATE message_ids SET sent = ?, sender = ? WHERE room_id = ? AND uuid = ? IF sent = ?"),
-                Kind::Lwt(local_serial),
             )
             .await?,
             messages_between: prepare(
@@ -217,9 +197,49 @@ impl Statements {
             )
             .await?,
             head_read: prepare(s("SELECT sent FROM room_heads WHERE room_id = ?"), Kind::Read).await?,
-            head_write: prepare(s("UPDATE room_heads SET sent = ? WHERE room_id = ?"), Kind::Write).await?,
-            message_delete: prepare(
-                s("DELETE FROM messages WHERE room_id = ? AND bucket = ? AND sent = ?"),
+            messages_after_delete: prepare(
+                s("DELETE FROM messages USING TIMESTAMP ? WHERE room_id = ? AND bucket = ? AND sent > ?"),
+                Kind::Write,
+            )
+            .await?,
+            uuid_insert: prepare(
+                s("INSERT INTO message_uuids (room_id, shard, uuid, sent) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"),
+                Kind::Write,
+            )
+            .await?,
+            uuids_read: prepare(
+                s("SELECT uuid, sent FROM message_uuids WHERE room_id = ? AND shard = ? AND uuid IN ?"),
+                Kind::Read,
+            )
+            .await?,
+            owner_read: prepare(s("SELECT epoch FROM partition_owners WHERE partition = ?"), Kind::Read).await?,
+            owner_serial_read: prepare(
+                s("SELECT epoch FROM partition_owners WHERE partition = ?"),
+                Kind::SerialRead(Consistency::Serial),
+            )
+            .await?,
+            owner_create: prepare(
+                s("INSERT INTO partition_owners (partition, epoch, owner, claimed) VALUES (?, 1, ?, ?) IF NOT EXISTS"),
+                Kind::Lwt(global),
+            )
+            .await?,
+            owner_take: prepare(
+                s("UPDATE partition_owners SET epoch = ?, owner = ?, claimed = ? WHERE partition = ? IF epoch = ?"),
+                Kind::Lwt(global),
+            )
+            .await?,
+            sequence_read: prepare(
+                s("SELECT sent, epoch, WRITETIME(sent), WRITETIME(epoch) FROM room_sequences WHERE room_id = ?"),
+                Kind::Read,
+            )
+            .await?,
+            sequence_epoch_write: prepare(
+                s("UPDATE room_sequences USING TIMESTAMP ? SET epoch = ? WHERE room_id = ?"),
+                Kind::Write,
+            )
+            .await?,
+            sequence_write: prepare(
+                s("UPDATE room_sequences USING TIMESTAMP ? SET sent = ?, epoch = ? WHERE room_id = ?"),
                 Kind::Write,
             )
             .await?,
