@@ -346,6 +346,11 @@ impl Cluster {
         format!("ws://{}{}", self.lb_addr(), self.ws_path(n))
     }
 
+    /// Router `n`'s probes and metrics.
+    pub(crate) fn router_url(&self, n: usize) -> String {
+        format!("http://127.0.0.1:{}", self.routers[n - 1].port())
+    }
+
     /// Gateway `n` itself, bypassing the HAProxy.
     pub(crate) fn gateway_url(&self, n: usize) -> String {
         format!("http://127.0.0.1:{}", self.gateways[n - 1].port())

@@ -31,7 +31,7 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
 const GATEWAY_FLAGS: [&str; 8] = [
     "--send-timeout",
-    "2s",
+    SEND_TIMEOUT,
     "--msg-rate",
     "10000",
     "--msg-burst",
@@ -39,6 +39,12 @@ const GATEWAY_FLAGS: [&str; 8] = [
     "--drain-timeout",
     "5s",
 ];
+
+/// How long a gateway waits for a router's answer before answering code 5.
+const SEND_TIMEOUT: &str = "2s";
+/// The same for the freeze: longer than the freeze, so that the answers of the frozen router's
+/// writes reach their clients (a fence that let them through would show as lost messages).
+const FREEZE_SEND_TIMEOUT: &str = "10s";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -79,7 +85,7 @@ impl Fault {
         match self {
             Fault::KillGateway => "SIGKILL gateway 1 (restarted 3 s later)",
             Fault::KillRouter => "SIGKILL router 1 (restarted 3 s later)",
-            Fault::FreezeRouter => "SIGSTOP router 1 for 3 failover timeouts, then SIGCONT",
+            Fault::FreezeRouter => "SIGSTOP router 1 for 2 failover timeouts, then SIGCONT",
             Fault::CutGatewayNats => "gateway 3 cut from NATS for 5 s, sockets open",
             Fault::RollingRestart => "SIGTERM and restart each gateway in turn",
             Fault::RestartNats => "restart nats-server",
@@ -152,7 +158,11 @@ async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
     let proxy = TcpProxy::start(nats.addr).await;
     // One router first: the rooms' partitions get pinned to it once the load begins, and the
     // second, added then, stands by (so killing router 1 interrupts the rooms' sequencer).
-    let spec = Spec::new(1, GATEWAYS, &GATEWAY_FLAGS)
+    let mut flags = GATEWAY_FLAGS;
+    if fault == Fault::FreezeRouter {
+        flags[1] = FREEZE_SEND_TIMEOUT;
+    }
+    let spec = Spec::new(1, GATEWAYS, &flags)
         .nats(&nats.url)
         .gateway_nats(CUT_GATEWAY, &proxy.nats_url());
     let mut cluster = Cluster::start(spec).await;
@@ -247,7 +257,21 @@ async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
-    let row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    let mut row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    if fault == Fault::FreezeRouter {
+        // While frozen, router 1 still had deliveries in hand (NATS keeps sending to a pinned
+        // router until the pin moves); once thawed it works on them under its old claim, and
+        // the store must turn every such write down.
+        let url = cluster.router_url(1);
+        let deposed = Api::new(url.clone(), vec![url])
+            .metric("chatoy_router_events_total{event=\"deposed\"}")
+            .await
+            .unwrap_or(0.0);
+        if deposed < 1.0 {
+            row.violations
+                .push("router 1 was never deposed: the freeze did not exercise the fence".into());
+        }
+    }
     if !row.passed() {
         let path = std::env::temp_dir().join(format!("chatoy-fault-{}.log", fault.name()));
         let _ = std::fs::write(&path, cluster.stderr());
@@ -272,7 +296,7 @@ async fn inject(fault: Fault, cluster: &mut Cluster, proxy: &TcpProxy, nats: &Pr
             // Frozen, not dead: its partitions move to router 2 while it may still hold writes
             // and answers in flight, which it carries on with once it thaws.
             cluster.signal_router(1, "STOP");
-            tokio::time::sleep(FAILOVER_TIMEOUT * 3).await;
+            tokio::time::sleep(FAILOVER_TIMEOUT * 2).await;
             cluster.signal_router(1, "CONT");
             Instant::now()
         }
