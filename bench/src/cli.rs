@@ -184,6 +184,8 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=4000))]
     pub(crate) size: u32,
     /// Messages per second per sender (paced; the window still applies). Unpaced if absent.
+    /// Paced senders start at different offsets within the period, spread evenly, so the total
+    /// load is steady rather than one burst of every sender per period.
     #[arg(long, value_parser = positive_rate)]
     pub(crate) rate: Option<f64>,
     /// Sockets per user: a room's members are ceil(members / this) users, each with this many

@@ -286,11 +286,14 @@ struct Sender {
     stats: Sent,
     last_progress: Instant,
     paced_from: Option<Instant>,
+    /// A paced sender's offset within its period, so that paced senders spread out over the
+    /// period instead of all sending at its start (a burst every period).
+    phase: Duration,
     finished: bool,
 }
 
 impl Sender {
-    fn new(plan: SendPlan, room_id: u64, total: u64) -> Sender {
+    fn new(plan: SendPlan, room_id: u64, total: u64, global: u32) -> Sender {
         let uuid = "0".repeat(36);
         let mut text = "0".repeat(16);
         text.push_str(&"x".repeat(plan.size.saturating_sub(16)));
@@ -318,6 +321,11 @@ impl Sender {
             },
             last_progress: Instant::now(),
             paced_from: None,
+            phase: plan.rate.map_or(Duration::ZERO, |rate| {
+                // Golden-ratio spacing: evenly spread whatever the number of senders.
+                let fraction = (f64::from(global) * 0.618_033_988_749_895).fract();
+                Duration::from_secs_f64(fraction / rate)
+            }),
             finished: false,
         }
     }
@@ -332,7 +340,7 @@ impl Sender {
         now: Instant,
     ) -> (u64, Option<Instant>) {
         let mut written = 0;
-        let paced_from = *self.paced_from.get_or_insert(now);
+        let paced_from = *self.paced_from.get_or_insert(now + self.phase);
         while self.in_flight < self.plan.window && self.next < self.total {
             if let Some(rate) = self.plan.rate {
                 let due = paced_from + Duration::from_secs_f64(self.next as f64 / rate);
@@ -464,7 +472,7 @@ pub(crate) async fn drive_until(
     let mut received = Received::new(&shared);
     let mut sender = role
         .send
-        .map(|plan| Sender::new(plan, role.room_id, shared.messages));
+        .map(|plan| Sender::new(plan, role.room_id, shared.messages, role.global));
     let mut started = shared.start.is_cancelled();
     let start = shared.start.cancelled();
     let stop = stop.cancelled();
@@ -612,7 +620,7 @@ mod tests {
             rate: None,
             ack_timeout: Duration::from_secs(1),
         };
-        let mut sender = Sender::new(plan, 42, 3);
+        let mut sender = Sender::new(plan, 42, 3, 0);
         let digits = format_hex16(0x1234);
         sender.template[sender.text_at..sender.text_at + 16].copy_from_slice(&digits);
         let value: serde_json::Value = serde_json::from_slice(&sender.template).unwrap_or_default();

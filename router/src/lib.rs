@@ -11,6 +11,7 @@
 //! event names the `sent` of the one published before it in the room, so a gateway notices a
 //! message stored by a router that died before publishing it and reads it from the store.
 
+mod answer;
 mod core;
 mod metrics;
 mod worker;

@@ -1,55 +1,34 @@
 //! One partition's worker: takes batches from the bus, asks the store what the sequencing core
-//! needs, submits each sequenced batch, and answers and publishes batches strictly in order as
-//! their writes complete. While batch n is being written, batch n+1 is already sequenced.
+//! needs, and submits each sequenced batch's write; its answerer (`answer.rs`, a task of its
+//! own) answers and publishes the batches strictly in order as their writes complete. While
+//! batch n is being written, batch n+1 is already sequenced.
 //!
 //! The partition is claimed in the store (a fence) before the first batch, and again after any
 //! failed write: whatever a failed or fenced-off write left behind is settled by the new claim's
 //! room seals, so the core starts again from what the store says.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use chatoy_bus::{DynBus, Work, WorkSource};
-use chatoy_protocol::bus::{MsgReply, Origin, RoomEvent};
+use chatoy_protocol::bus::{Origin, RoomEvent};
 use chatoy_protocol::{Message, SendCode, ServerFrame, Timestamp};
-use chatoy_store::{DynStore, Fence, NewMessage, PendingWrite, RoomBatch, StoreError};
+use chatoy_store::{DynStore, Fence, NewMessage, PendingWrite, RoomBatch};
 use futures_util::future::join_all;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::answer::{self, InFlight, Item, Progress};
 use crate::core::{Decision, Sequencer};
 use crate::metrics::Metrics;
 use crate::RouterConfig;
 
-/// A sequenced batch whose write is under way.
-struct InFlight {
-    /// The write; `None` when nothing of the batch needed writing.
-    write: Option<PendingWrite>,
-    /// Every message of the batch with what was decided, in order.
-    items: Vec<Item>,
-    submitted: Instant,
-}
-
-struct Item {
-    work: Work,
-    decision: Decision,
-    /// The event to publish once written: a new message, or a stored one published again.
-    event: Option<RoomEvent>,
-}
-
-/// What woke the worker.
-enum Wake {
-    Written(Result<(), StoreError>),
-    Batch(bool),
-    Shutdown,
-}
-
 /// See the module documentation.
 pub(crate) struct Worker {
-    bus: DynBus,
     store: DynStore,
     config: Arc<RouterConfig>,
     metrics: Metrics,
@@ -58,7 +37,14 @@ pub(crate) struct Worker {
     /// Known (room, user) memberships. Membership is never revoked, so positives stay true.
     members: lru::LruCache<(u64, u64), ()>,
     fence: Option<Fence>,
-    in_flight: VecDeque<InFlight>,
+    /// Sequenced batches on their way to the answerer (bounded: the pipeline's depth).
+    answers: mpsc::Sender<InFlight>,
+    answerer: Option<tokio::task::JoinHandle<()>>,
+    /// What the answerer reports: failed writes, batches not answered yet.
+    progress: Arc<Progress>,
+    /// Counts this worker's sequencing states: a failure of any batch of the current
+    /// generation ends it (the core starts again, under a new claim).
+    generation: u64,
 }
 
 impl Worker {
@@ -70,47 +56,66 @@ impl Worker {
         source: Box<dyn WorkSource>,
     ) -> Worker {
         let members = NonZeroUsize::new(config.remembered_members.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let progress = Arc::new(Progress::default());
+        let (answers, queue) = mpsc::channel(config.pipeline.max(1));
+        let answerer = tokio::spawn(answer::run(queue, bus, metrics.clone(), progress.clone()));
         Worker {
             core: Sequencer::new(config.remembered_uuids),
             members: lru::LruCache::new(members),
-            bus,
             store,
             config,
             metrics,
             source,
             fence: None,
-            in_flight: VecDeque::new(),
+            answers,
+            answerer: Some(answerer),
+            progress,
+            generation: 1,
         }
     }
 
-    /// Works until the bus closes or `shutdown`, then finishes the batches in flight.
+    /// Works until the bus closes or `shutdown`, then lets the answerer finish the batches in
+    /// flight.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut batch = Vec::with_capacity(self.config.max_batch);
-        let mut closing = false;
         loop {
-            if closing && self.in_flight.is_empty() {
+            let more = tokio::select! {
+                more = self.source.next_batch(self.config.max_batch, &mut batch) => more,
+                _ = shutdown.cancelled() => false,
+            };
+            if !batch.is_empty() {
+                self.after_progress().await;
+                self.process(std::mem::take(&mut batch)).await;
+            }
+            if !more {
                 break;
             }
-            let room_for_more = !closing && self.in_flight.len() < self.config.pipeline.max(1);
-            let wake = {
-                let front = self.in_flight.front_mut();
-                tokio::select! {
-                    biased;
-                    written = written(front) => Wake::Written(written),
-                    more = self.source.next_batch(self.config.max_batch, &mut batch), if room_for_more => Wake::Batch(more),
-                    _ = shutdown.cancelled(), if !closing => Wake::Shutdown,
-                }
-            };
-            match wake {
-                Wake::Written(result) => self.complete(result).await,
-                Wake::Batch(more) => {
-                    if !batch.is_empty() {
-                        self.process(std::mem::take(&mut batch)).await;
-                    }
-                    closing |= !more;
-                }
-                Wake::Shutdown => closing = true,
+        }
+        let Worker {
+            answers, answerer, ..
+        } = self;
+        drop(answers);
+        if let Some(answerer) = answerer {
+            let _ = answerer.await;
+        }
+    }
+
+    /// Starts over if a write of this generation failed: the core forgets everything and the
+    /// partition is claimed again before the next batch.
+    async fn after_progress(&mut self) {
+        let Some(deposed) = self.progress.since(self.generation) else {
+            if self.progress.idle() {
+                // Nothing is being written: forgetting rooms cannot lose a `sent` in flight.
+                self.core.trim(self.config.remembered_rooms);
             }
+            return;
+        };
+        self.generation += 1;
+        self.fence = None;
+        self.core.reset();
+        if deposed {
+            // Deliveries pulled before the partition moved are the new owner's now.
+            self.source.release().await;
         }
     }
 
@@ -125,7 +130,7 @@ impl Worker {
             }
         }
         let Some(fence) = self.fence().await else {
-            self.push_refused(batch, SendCode::Unavailable);
+            self.refuse(batch, SendCode::Unavailable).await;
             return;
         };
         let refusals = self.check_members(&batch).await;
@@ -215,11 +220,22 @@ impl Worker {
             }
         };
         self.metrics.sequencing.observe(started.elapsed().as_secs_f64());
-        self.in_flight.push_back(InFlight {
+        self.send(InFlight {
+            generation: self.generation,
             write,
             items,
             submitted: Instant::now(),
-        });
+        })
+        .await;
+    }
+
+    /// Hands a batch to the answerer, waiting while the pipeline is full.
+    async fn send(&mut self, batch: InFlight) {
+        self.progress.handed_over();
+        if let Err(mpsc::error::SendError(batch)) = self.answers.send(batch).await {
+            // The answerer is gone (it only stops once this worker drops its sender).
+            tracing::error!(messages = batch.items.len(), "the router's answerer stopped");
+        }
     }
 
     /// The partition's fence, claimed first if this worker holds none.
@@ -273,8 +289,8 @@ impl Worker {
         refusals
     }
 
-    /// Queues a batch that is refused as a whole, behind the batches in flight.
-    fn push_refused(&mut self, batch: Vec<Work>, code: SendCode) {
+    /// Answers a whole batch with `code`, behind the batches in flight.
+    async fn refuse(&mut self, batch: Vec<Work>, code: SendCode) {
         let items = batch
             .into_iter()
             .map(|work| Item {
@@ -283,102 +299,13 @@ impl Worker {
                 event: None,
             })
             .collect();
-        self.in_flight.push_back(InFlight {
+        self.send(InFlight {
+            generation: self.generation,
             write: None,
             items,
             submitted: Instant::now(),
-        });
-    }
-
-    /// Answers the oldest batch in flight once its write completed: on success every answer and
-    /// event, in order; on failure code 5 for it and every later batch in flight (their outcome
-    /// is unknown too), and the partition is claimed again before the next batch.
-    async fn complete(&mut self, result: Result<(), StoreError>) {
-        let Some(done) = self.in_flight.pop_front() else {
-            return;
-        };
-        if done.write.is_some() {
-            self.metrics.store.observe(done.submitted.elapsed().as_secs_f64());
-        }
-        match result {
-            Ok(()) => {
-                let started = Instant::now();
-                if done.write.is_some() {
-                    self.metrics.batches.inc();
-                }
-                for item in done.items {
-                    self.answer(item, false).await;
-                }
-                self.metrics.reply.observe(started.elapsed().as_secs_f64());
-                if self.in_flight.is_empty() {
-                    self.core.trim(self.config.remembered_rooms);
-                }
-            }
-            Err(err) => {
-                let deposed = matches!(err, StoreError::Deposed);
-                if deposed {
-                    tracing::warn!(
-                        partition = self.source.partition(),
-                        "deposed: another router claimed the partition"
-                    );
-                    self.metrics.deposed.inc();
-                } else {
-                    tracing::warn!(cause = %err, "store write failed");
-                    self.metrics.store_errors.inc();
-                }
-                let failed = std::iter::once(done).chain(self.in_flight.drain(..));
-                for batch in failed.collect::<Vec<_>>() {
-                    for item in batch.items {
-                        self.answer(item, true).await;
-                    }
-                }
-                self.fence = None;
-                self.core.reset();
-                if deposed {
-                    // Deliveries pulled before the partition moved are the new owner's now.
-                    self.source.release().await;
-                }
-            }
-        }
-    }
-
-    /// Answers one message; `failed` when its batch's write did not complete.
-    async fn answer(&mut self, item: Item, failed: bool) {
-        let Item {
-            work,
-            decision,
-            event,
-        } = item;
-        let (reply, event) = match decision {
-            Decision::Refuse(code) => (refusal(code), None),
-            _ if failed => (refusal(SendCode::Unavailable), None),
-            Decision::Store { sent, .. } => (accepted(sent), event),
-            Decision::Duplicate { sent, .. } => (accepted(sent), event),
-        };
-        match reply.code {
-            SendCode::Ok if matches!(decision, Decision::Store { .. }) => self.metrics.stored.inc(),
-            SendCode::Ok => self.metrics.duplicates.inc(),
-            SendCode::Unavailable => self.metrics.unavailable.inc(),
-            _ => self.metrics.refused.inc(),
-        }
-        work.respond(reply).await;
-        if let Some(event) = event {
-            if let Err(err) = self.bus.publish_room(event).await {
-                // Stored and acked: members still get it through `since` and history.
-                tracing::warn!(cause = %err, "publishing a stored message failed");
-            }
-        }
-    }
-}
-
-/// The completion of the oldest write in flight; pending forever when there is none.
-async fn written(front: Option<&mut InFlight>) -> Result<(), StoreError> {
-    match front {
-        Some(InFlight {
-            write: Some(write), ..
-        }) => write.await,
-        Some(InFlight { write: None, .. }) => Ok(()),
-        None => std::future::pending().await,
+        })
+        .await;
     }
 }
 
@@ -401,21 +328,5 @@ fn event(message: Message, prev: Option<Timestamp>, origin: Origin) -> RoomEvent
         prev,
         origin,
         frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
-    }
-}
-
-fn accepted(sent: Timestamp) -> MsgReply {
-    MsgReply {
-        code: SendCode::Ok,
-        msg: String::new(),
-        sent,
-    }
-}
-
-fn refusal(code: SendCode) -> MsgReply {
-    MsgReply {
-        code,
-        msg: code.message().to_owned(),
-        sent: Timestamp::now(),
     }
 }

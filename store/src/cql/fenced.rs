@@ -25,6 +25,7 @@ use chatoy_protocol::{Message, Timestamp};
 use futures_util::future::try_join_all;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -242,7 +243,7 @@ impl CqlStore {
         done: watch::Sender<Option<bool>>,
     ) -> StoreResult<()> {
         let at = write_time(fence.epoch, k);
-        let rows = try_join_all(plans.iter().map(|plan| self.write_rows(fence, at, plan))).await;
+        let rows = self.write_rows(fence, at, &plans).await;
         let earlier = match previous {
             None => true,
             Some(mut previous) => previous
@@ -259,15 +260,14 @@ impl CqlStore {
             ));
         }
         let epoch = fence.epoch as i64;
-        let heads = plans.iter().filter_map(|plan| {
-            let head = plan.messages.last()?.sent.0;
-            Some(write(
-                &self.session,
-                &self.statements.sequence_write,
-                (at, head, epoch, plan.room as i64),
-            ))
-        });
-        try_join_all(heads).await?;
+        let mut heads = Packer::default();
+        for plan in &plans {
+            if let Some(head) = plan.messages.last() {
+                let values = (at, head.sent.0, epoch, plan.room as i64);
+                heads.push(&self.statements.sequence_write, Box::new(values), 32);
+            }
+        }
+        heads.run(&self.session).await?;
         let owner: Option<(Option<i64>,)> = read_one(
             &self.session,
             &self.statements.owner_read,
@@ -280,68 +280,54 @@ impl CqlStore {
         }
     }
 
-    /// One room's rows and uuids in one unlogged batch, after recording its buckets.
-    async fn write_rows(&self, fence: Fence, at: i64, plan: &RoomPlan) -> CqlResult<()> {
-        let room = plan.room as i64;
-        let mut recorded = Vec::new();
-        for message in &plan.messages {
-            let bucket = self.bucket(message.sent.0);
-            if !recorded.contains(&bucket) {
-                self.record_bucket(plan.room, bucket).await?;
-                recorded.push(bucket);
+    /// Every room's rows and uuids (and the buckets it enters fenced off), packed into a few
+    /// unlogged batches, after recording the buckets.
+    async fn write_rows(&self, fence: Fence, at: i64, plans: &[RoomPlan]) -> CqlResult<()> {
+        let seal = write_time(fence.epoch, 0);
+        let mut packer = Packer::default();
+        for plan in plans {
+            let room = plan.room as i64;
+            let mut recorded = Vec::new();
+            for message in &plan.messages {
+                let bucket = self.bucket(message.sent.0);
+                if !recorded.contains(&bucket) {
+                    self.record_bucket(plan.room, bucket).await?;
+                    recorded.push(bucket);
+                }
+            }
+            for &bucket in &plan.fence_buckets {
+                let values = (seal, room, bucket, 0i64);
+                packer.push(&self.statements.messages_after_delete, Box::new(values), 32);
+            }
+            for message in &plan.messages {
+                let content = serde_json::to_string(&message.content)
+                    .map_err(|err| CqlError::Inconsistent(format!("cannot encode message content: {err}")))?;
+                let size = content.len() + 64;
+                let bucket = self.bucket(message.sent.0);
+                let row = (
+                    room,
+                    bucket,
+                    message.sent.0,
+                    message.uuid,
+                    message.sender as i64,
+                    content,
+                    at,
+                );
+                packer.push(&self.statements.message_insert, Box::new(row), size);
+                let id = (room, message.uuid, message.sent.0, at);
+                packer.push(&self.statements.uuid_insert, Box::new(id), 48);
             }
         }
-        let mut batch = Batch::new(BatchType::Unlogged);
-        let mut values: Vec<Box<dyn SerializeRow + Send + Sync>> = Vec::new();
-        let seal = write_time(fence.epoch, 0);
-        for &bucket in &plan.fence_buckets {
-            batch.append_statement(self.statements.messages_after_delete.clone());
-            values.push(Box::new((seal, room, bucket, 0i64)));
-        }
-        for message in &plan.messages {
-            let content = serde_json::to_string(&message.content)
-                .map_err(|err| CqlError::Inconsistent(format!("cannot encode message content: {err}")))?;
-            batch.append_statement(self.statements.message_insert.clone());
-            values.push(Box::new((
-                room,
-                self.bucket(message.sent.0),
-                message.sent.0,
-                message.uuid,
-                message.sender as i64,
-                content,
-                at,
-            )));
-            batch.append_statement(self.statements.uuid_insert.clone());
-            values.push(Box::new((
-                room,
-                shard(&message.uuid),
-                message.uuid,
-                message.sent.0,
-                at,
-            )));
-        }
-        batch.set_is_idempotent(true);
-        self.session.batch(&batch, values).await?;
-        Ok(())
+        packer.run(&self.session).await
     }
 
     /// The stored messages of `room` among `uuids`.
     pub(super) async fn find_fenced(&self, room: u64, uuids: &[Uuid]) -> CqlResult<Vec<Message>> {
-        let mut by_shard: HashMap<i32, Vec<Uuid>> = HashMap::new();
-        for uuid in uuids {
-            let wanted = by_shard.entry(shard(uuid)).or_default();
-            if !wanted.contains(uuid) {
-                wanted.push(*uuid);
-            }
-        }
-        let reads = by_shard.into_iter().map(|(shard, wanted)| {
-            read_all::<(Uuid, i64)>(
-                &self.session,
-                &self.statements.uuids_read,
-                (room as i64, shard, wanted),
-            )
-        });
-        let located: Vec<(Uuid, i64)> = try_join_all(reads).await?.into_iter().flatten().collect();
+        let mut wanted = uuids.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let located: Vec<(Uuid, i64)> =
+            read_all(&self.session, &self.statements.uuids_read, (room as i64, wanted)).await?;
         let rows = located.into_iter().map(|(uuid, sent)| async move {
             match self.message_at(room, self.bucket(sent), sent, uuid).await {
                 Ok(found) => Ok(found),
@@ -354,9 +340,52 @@ impl CqlStore {
     }
 }
 
-/// The `message_uuids` partition of a uuid within its room: its first four bits.
-fn shard(uuid: &Uuid) -> i32 {
-    i32::from(uuid.as_bytes()[0] >> 4)
+/// Most bytes of values in one unlogged batch: well under the 50 KiB that Cassandra and
+/// ScyllaDB refuse for a batch over several partitions by default.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// One statement's values, whatever their shape.
+type Values = Box<dyn SerializeRow + Send + Sync>;
+
+/// Statements packed into unlogged batches of at most [`BATCH_BYTES`], written concurrently:
+/// one request for many rows instead of one each.
+#[derive(Default)]
+struct Packer {
+    /// The batches, each with its values and their size so far.
+    batches: Vec<(Batch, Vec<Values>, usize)>,
+}
+
+impl Packer {
+    fn push(
+        &mut self,
+        statement: &PreparedStatement,
+        values: Box<dyn SerializeRow + Send + Sync>,
+        size: usize,
+    ) {
+        let fits = self
+            .batches
+            .last()
+            .is_some_and(|(_, _, bytes)| bytes + size <= BATCH_BYTES);
+        if !fits {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            batch.set_is_idempotent(true);
+            self.batches.push((batch, Vec::new(), 0));
+        }
+        if let Some((batch, all, bytes)) = self.batches.last_mut() {
+            batch.append_statement(statement.clone());
+            all.push(values);
+            *bytes += size;
+        }
+    }
+
+    async fn run(self, session: &scylla::client::session::Session) -> CqlResult<()> {
+        let writes = self
+            .batches
+            .into_iter()
+            .map(|(batch, values, _)| async move { session.batch(&batch, values).await });
+        try_join_all(writes).await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -373,12 +402,5 @@ mod tests {
         assert!(write_time(1, MAX_BATCHES) < write_time(2, 0));
         assert!(write_time(1, MAX_BATCHES + 5) == write_time(1, MAX_BATCHES));
         assert!(write_time(MAX_EPOCH, MAX_BATCHES) > 0, "no overflow");
-    }
-
-    #[test]
-    fn shards_split_by_the_first_four_bits() {
-        let low = Uuid::from_bytes([0x0f; 16]);
-        let high = Uuid::from_bytes([0xf0; 16]);
-        assert_eq!((shard(&low), shard(&high)), (0, 15));
     }
 }

@@ -203,12 +203,12 @@ impl Statements {
             )
             .await?,
             uuid_insert: prepare(
-                s("INSERT INTO message_uuids (room_id, shard, uuid, sent) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"),
+                s("INSERT INTO message_uuids (room_id, uuid, sent) VALUES (?, ?, ?) USING TIMESTAMP ?"),
                 Kind::Write,
             )
             .await?,
             uuids_read: prepare(
-                s("SELECT uuid, sent FROM message_uuids WHERE room_id = ? AND shard = ? AND uuid IN ?"),
+                s("SELECT uuid, sent FROM message_uuids WHERE room_id = ? AND uuid IN ?"),
                 Kind::Read,
             )
             .await?,
