@@ -151,20 +151,31 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let router_config = args
         .tuning
         .config(node_name("standalone", &None), Duration::from_secs(10));
+    // One registry: the gateway's /metrics shows the router's metrics too.
+    let registry = prometheus::Registry::new();
+    let router_metrics =
+        chatoy_router::Metrics::new(&registry).context("cannot register the router's metrics")?;
     let router = tokio::spawn(chatoy_router::run(
         router_config,
         bus.clone(),
         store.clone(),
-        chatoy_router::Metrics::unregistered(),
+        router_metrics,
         router_stop.clone(),
     ));
     let (listener, local) = bind(args.common.listen).await?;
     tracing::info!(%local, data_dir = %args.data_dir.display(), "chatoy standalone ready");
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
-    chatoy_gateway::run(args.common.gateway_config(), store, bus, listener, shutdown)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    chatoy_gateway::run(
+        args.common.gateway_config(),
+        store,
+        bus,
+        listener,
+        registry,
+        shutdown,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     router_stop.cancel();
     router
         .await
@@ -213,9 +224,17 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
     tracing::info!(%local, node = %name, "chatoy gateway ready");
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
-    chatoy_gateway::run(args.common.gateway_config(), store, bus, listener, shutdown)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let registry = prometheus::Registry::new();
+    chatoy_gateway::run(
+        args.common.gateway_config(),
+        store,
+        bus,
+        listener,
+        registry,
+        shutdown,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -101,12 +101,15 @@ impl StoreHealth {
 }
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown`, then drains: sockets get 1001
-/// and the call returns once they are gone or the drain timeout passed.
+/// and the call returns once they are gone or the drain timeout passed. The gateway's metrics
+/// are registered in `metrics`, and `/metrics` shows everything that registry holds (in the
+/// single process, the router's too).
 pub async fn run(
     config: GatewayConfig,
     store: DynStore,
     bus: DynBus,
     listener: TcpListener,
+    metrics: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let accounts = Accounts::new(
@@ -114,7 +117,10 @@ pub async fn run(
         config.argon2_iterations,
         config.token_ttl,
     )?;
-    let metrics = Arc::new(Metrics::new(bus.clone()));
+    let metrics = Arc::new(
+        Metrics::new(bus.clone(), metrics)
+            .map_err(|err| format!("cannot register the gateway's metrics: {err}"))?,
+    );
     let gateway_id = rand::random::<u64>();
     let registry = Registry::new(
         bus.clone(),

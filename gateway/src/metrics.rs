@@ -25,6 +25,10 @@ pub(crate) struct Metrics {
     acks: Vec<IntCounter>,
     /// Time from receiving a `msg` to queueing its `send`.
     pub(crate) ack_latency: Histogram,
+    /// Time to hand a `msg` to the bus (NATS: until the publish to the work stream is queued).
+    pub(crate) bus_submit: Histogram,
+    /// Time to queue one batch of a room's events on every member socket.
+    pub(crate) fan_out: Histogram,
     /// Sockets closed because their outbound queue overflowed.
     pub(crate) slow_consumers: IntCounter,
     /// Room subscriptions that may have lost events and were backfilled.
@@ -45,25 +49,22 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(bus: DynBus) -> Metrics {
-        let registry = Registry::new();
-        let sockets_open =
-            IntGauge::new("chatoy_sockets_open", "Open WebSocket connections.").expect("valid metric");
+    /// The gateway's metrics, registered in `registry` (which may hold other metrics of the
+    /// process too: `/metrics` shows everything it holds).
+    pub(crate) fn new(bus: DynBus, registry: Registry) -> Result<Metrics, prometheus::Error> {
+        let sockets_open = IntGauge::new("chatoy_sockets_open", "Open WebSocket connections.")?;
         let frames_in = IntCounterVec::new(
             Opts::new("chatoy_frames_in_total", "WebSocket frames received, by type."),
             &["type"],
-        )
-        .expect("valid metric");
+        )?;
         let frames_out = IntCounterVec::new(
             Opts::new("chatoy_frames_out_total", "WebSocket frames sent, by type."),
             &["type"],
-        )
-        .expect("valid metric");
+        )?;
         let acks = IntCounterVec::new(
             Opts::new("chatoy_acks_total", "send answers, by code."),
             &["code"],
-        )
-        .expect("valid metric");
+        )?;
         let ack_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "chatoy_ack_latency_seconds",
@@ -72,45 +73,55 @@ impl Metrics {
             .buckets(vec![
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
-        )
-        .expect("valid metric");
+        )?;
+        let stage = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0,
+            ]))
+        };
+        let bus_submit = stage(
+            "chatoy_bus_submit_seconds",
+            "Time to hand a msg to the bus (NATS: until its publish to the work stream is queued).",
+        )?;
+        let fan_out = stage(
+            "chatoy_fanout_seconds",
+            "Time to queue one batch of a room's events on every member socket of the gateway.",
+        )?;
         let slow_consumers = IntCounter::new(
             "chatoy_slow_consumer_closes_total",
             "Sockets closed with 1008 because their outbound queue overflowed.",
-        )
-        .expect("valid metric");
+        )?;
         let bus_gaps = IntCounter::new(
             "chatoy_bus_gaps_total",
             "Times a room subscription may have lost events and was backfilled from the store.",
-        )
-        .expect("valid metric");
+        )?;
         let refused = IntCounterVec::new(
             Opts::new(
                 "chatoy_http_refused_total",
                 "HTTP requests refused by a limit or a check, by reason.",
             ),
             &["reason"],
-        )
-        .expect("valid metric");
+        )?;
         let bus_reconnects = IntCounter::new(
             "chatoy_nats_reconnects_total",
             "Times the gateway's NATS connection was re-established after a loss.",
-        )
-        .expect("valid metric");
+        )?;
         for collector in [
             Box::new(sockets_open.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(frames_in.clone()),
             Box::new(frames_out.clone()),
             Box::new(acks.clone()),
             Box::new(ack_latency.clone()),
+            Box::new(bus_submit.clone()),
+            Box::new(fan_out.clone()),
             Box::new(slow_consumers.clone()),
             Box::new(bus_gaps.clone()),
             Box::new(refused.clone()),
             Box::new(bus_reconnects.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry.register(collector)?;
         }
-        Metrics {
+        Ok(Metrics {
             sockets_open,
             in_auth: frames_in.with_label_values(&["auth"]),
             in_msg: frames_in.with_label_values(&["msg"]),
@@ -124,6 +135,8 @@ impl Metrics {
                 .map(|code| acks.with_label_values(&[code.label()]))
                 .collect(),
             ack_latency,
+            bus_submit,
+            fan_out,
             slow_consumers,
             bus_gaps,
             refused_conn_rate: refused.with_label_values(&["conn_rate"]),
@@ -134,7 +147,7 @@ impl Metrics {
             reconnects_seen: AtomicU64::new(0),
             bus,
             registry,
-        }
+        })
     }
 
     /// Counts one `send` answer.

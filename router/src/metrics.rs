@@ -103,9 +103,4 @@ impl Metrics {
             reply,
         })
     }
-
-    /// Metrics registered nowhere (tests, or a process that does not export them).
-    pub fn unregistered() -> Metrics {
-        Metrics::new(&Registry::new()).expect("fresh registry")
-    }
 }

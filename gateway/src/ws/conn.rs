@@ -615,6 +615,7 @@ async fn handle_msg(
     let started = Instant::now();
     let timeout = shared.config.send_timeout;
     let submitted = tokio::time::timeout(timeout, shared.bus.submit(request)).await;
+    shared.metrics.bus_submit.observe(started.elapsed().as_secs_f64());
     let (shared, peer) = (shared.clone(), peer.clone());
     tokio::spawn(async move {
         let answer = match submitted {

@@ -366,6 +366,7 @@ impl Registry {
         if batch.is_empty() {
             return;
         }
+        let started = Instant::now();
         let frames: Vec<(Outbound, Origin)> = batch
             .drain(..)
             .map(|event| {
@@ -394,6 +395,7 @@ impl Registry {
             }
         }
         self.metrics.out_recv.inc_by(delivered);
+        self.metrics.fan_out.observe(started.elapsed().as_secs_f64());
     }
 
     /// Applies every user event to this gateway's sockets of that user, for the gateway's life.
