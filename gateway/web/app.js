@@ -2,7 +2,8 @@
 // docs/PROTOCOL.md the way docs/client-guide.md describes: HTTP for accounts, rooms and history;
 // one WebSocket for `auth`, `msg` -> `send` acks and live `recv`; messages are identified by
 // uuid (de-duplicated), ordered by `sent`, resent with the same uuid after codes 4 and 5 or a
-// lost connection; the socket reconnects with jittered backoff and `since` the last `sent` seen.
+// lost connection; the socket reconnects with jittered backoff and a per-room `since`: for each
+// room, the newest `sent` seen in it.
 
 const HISTORY_PAGE = 50;
 const SESSION_KEY = "chatoy.session";
@@ -24,9 +25,10 @@ const state = {
   history: new Map(),
   /** uuid -> {uuid, room, text, attempts, timer}: sent but not acknowledged with code 0. */
   pending: new Map(),
-  /** The greatest `sent` seen (text and sort key): the `since` of the next `auth`. */
-  lastSent: null,
-  lastKey: -1n,
+  /** Room id -> {sent, key}: the newest `sent` received in the room (text and sort key), the
+   *  per-room `since` of the next `auth`. Acks do not count: a message of the room with an
+   *  earlier `sent` may still be on its way. */
+  lastSent: new Map(),
   /** User id -> username. */
   names: new Map(),
 };
@@ -44,12 +46,10 @@ function tsKey(text) {
   return BigInt(ms) * 1000000n + BigInt(frac);
 }
 
-function noteSent(sent) {
+function noteSent(room, sent) {
   const key = tsKey(sent);
-  if (key !== null && key > state.lastKey) {
-    state.lastKey = key;
-    state.lastSent = sent;
-  }
+  const last = state.lastSent.get(room);
+  if (key !== null && (!last || key > last.key)) state.lastSent.set(room, { sent, key });
 }
 
 function newUuid() {
@@ -132,7 +132,9 @@ function connect() {
   authed = false;
   sock.onopen = () => {
     const frame = { type: "auth", token: state.token };
-    if (state.lastSent) frame.since = state.lastSent;
+    if (state.lastSent.size > 0) {
+      frame.since = Object.fromEntries([...state.lastSent].map(([room, last]) => [String(room), last.sent]));
+    }
     sock.send(JSON.stringify(frame));
   };
   sock.onmessage = (event) => {
@@ -221,7 +223,6 @@ function onAck(frame) {
   if (!p) return;
   if (frame.code === 0) {
     state.pending.delete(p.uuid);
-    noteSent(frame.sent);
     upsert({ uuid: p.uuid, sender: state.user.id, room: p.room, text: p.text, sent: frame.sent, status: "sent" });
   } else if (frame.code === 4 || frame.code === 5) {
     // Rate limited or temporarily unavailable: the same uuid again, later.
@@ -242,7 +243,7 @@ function onAck(frame) {
 
 function onRecv(data) {
   if (!data || typeof data.uuid !== "string") return;
-  noteSent(data.sent);
+  noteSent(data.room, data.sent);
   // Our own message, replayed by `since` after its ack was lost: it is stored.
   const p = state.pending.get(data.uuid);
   if (p) {
@@ -438,7 +439,7 @@ function updateHistoryControls() {
 
 function mergePage(room, page) {
   for (const m of page) {
-    noteSent(m.sent);
+    noteSent(room, m.sent);
     upsert({ ...fromWire(m), status: "sent" });
   }
 }
@@ -515,8 +516,7 @@ function endSession(why) {
   state.messages.clear();
   state.history.clear();
   state.current = null;
-  state.lastSent = null;
-  state.lastKey = -1n;
+  state.lastSent.clear();
   $("messages").replaceChildren();
   $("rooms").replaceChildren();
   $("chat-view").hidden = true;

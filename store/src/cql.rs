@@ -565,6 +565,14 @@ impl Store for CqlStore {
     async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
         Ok(self.since_of(room, after.0, limit).await?)
     }
+
+    async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp> {
+        Ok(Timestamp(self.replay_start_of(room, after.0, limit).await?))
+    }
+
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+        Ok(self.page_after_of(room, after.0, limit).await?)
+    }
 }
 
 #[cfg(test)]

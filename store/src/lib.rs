@@ -159,4 +159,10 @@ pub trait Store: Send + Sync + 'static {
     async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
     /// The newest `limit` messages of the room with `sent > after`, oldest first.
     async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
+    /// Where a replay of the newest `limit` messages with `sent > after` starts: `after` itself
+    /// when at most `limit` such messages are stored, else the `sent` of the newest one left
+    /// out. Reads only `sent` values, so it costs little memory whatever the messages' size.
+    async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp>;
+    /// Up to `limit` messages of the room with `sent > after`, oldest first: a page of a replay.
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
 }

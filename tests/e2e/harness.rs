@@ -905,6 +905,18 @@ pub(crate) fn assert_token(token: &str) {
 }
 
 /// The uuids of `recv.data` values, in order.
+/// The uuids of messages per room, each room in arrival order (a `since` replay orders each room
+/// by `sent` and sends the rooms one after another).
+pub(crate) fn uuids_by_room(messages: &[Value]) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut rooms: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+    for message in messages {
+        let room = message["room"].as_u64().expect("room");
+        let uuid = message["uuid"].as_str().expect("uuid").to_owned();
+        rooms.entry(room).or_default().push(uuid);
+    }
+    rooms
+}
+
 pub(crate) fn uuids(messages: &[Value]) -> Vec<String> {
     messages
         .iter()
@@ -1134,6 +1146,26 @@ impl Ws {
         ws
     }
 
+    /// Connects and authenticates with a per-room `since` (`{"<room>": "<ts>"}`), asserting
+    /// auth code 0.
+    pub(crate) async fn authed_rooms(server: &Server, token: &str, since: &[(u64, &str)]) -> Ws {
+        let mut ws = Ws::connect(server).await;
+        let answer = ws.auth_rooms(token, since).await;
+        assert_auth(&answer, 0);
+        ws
+    }
+
+    /// Sends `auth` with a per-room `since` and returns the answer.
+    pub(crate) async fn auth_rooms(&mut self, token: &str, since: &[(u64, &str)]) -> Value {
+        let since: serde_json::Map<String, Value> = since
+            .iter()
+            .map(|(room, at)| (room.to_string(), Value::from(*at)))
+            .collect();
+        self.send_text(&json!({"type": "auth", "token": token, "since": since}).to_string())
+            .await;
+        self.next_json().await
+    }
+
     /// Sends a text frame.
     pub(crate) async fn send_text(&mut self, text: &str) {
         within(WAIT, "sending a frame", self.inner.send(WsMessage::text(text)))
@@ -1162,6 +1194,14 @@ impl Ws {
 
     /// Waits for the `send` frame for `uuid`, keeping every other frame for later reads.
     pub(crate) async fn answer_to(&mut self, uuid: &str) -> Value {
+        // Answers may come in any order: one may already be among the frames kept earlier.
+        let kept = self
+            .pending
+            .iter()
+            .position(|frame| frame["type"] == "send" && frame["uuid"] == uuid);
+        if let Some(answer) = kept.and_then(|at| self.pending.remove(at)) {
+            return answer;
+        }
         let mut skipped = VecDeque::new();
         let answer = loop {
             let frame = self.read_json().await;

@@ -267,10 +267,24 @@ impl Live {
         self.api.login(&user.name).await.0
     }
 
-    fn since(model: &Model, kind: &SinceKind) -> String {
+    fn since(model: &Model, kind: &SinceKind) -> serde_json::Value {
         match kind {
             SinceKind::Epoch => "1970-01-01T00:00:00Z".into(),
             SinceKind::Future => "2200-01-01T00:00:00.000000001Z".into(),
+            SinceKind::PerRoom(at, shift, skip_first) => {
+                let mut rooms = serde_json::Map::new();
+                for (n, room) in model.rooms.iter().enumerate() {
+                    if *skip_first && n == 0 {
+                        continue;
+                    }
+                    let stored: Vec<_> = model.stored.iter().filter(|m| m.room == *room).collect();
+                    let sent = stored
+                        .get(at.index(stored.len().max(1)))
+                        .map_or(0, |message| message.sent + shift);
+                    rooms.insert(room.to_string(), Timestamp(sent).to_string().into());
+                }
+                rooms.into()
+            }
             SinceKind::Stored(at, shift, offset) => {
                 let Some(message) = model.stored.get(at.index(model.stored.len().max(1))) else {
                     return "1970-01-01T00:00:00Z".into();
@@ -282,6 +296,7 @@ impl Live {
                         .to_rfc3339_opts(SecondsFormat::Nanos, false),
                     _ => Timestamp(message.sent + shift).to_string(),
                 }
+                .into()
             }
         }
     }
@@ -389,7 +404,7 @@ impl Live {
                 let (token, valid) = self.token(user, kind).await;
                 let mut frame = serde_json::json!({"type": "auth", "token": token});
                 if let Some(since) = since {
-                    frame["since"] = Self::since(&user.model, since).into();
+                    frame["since"] = Self::since(&user.model, since);
                 }
                 self.text(user, subject, frame.to_string().as_bytes(), valid)
                     .await
@@ -638,13 +653,22 @@ impl Live {
                 ),
             ) if msg.is_empty() => {
                 self.stats.answer("auth 0".into());
-                for stored in replay {
+                // Each room's replay in `sent` order; the rooms one after another, in any order.
+                let mut left = replay.clone();
+                while !left.is_empty() {
                     let event = Self::next(subject).await?;
                     user.log.push(format!("   <- {}", describe(&event)));
                     let Event::Frame(ServerFrame::Recv { data }, _) = &event else {
-                        return Err(format!("expected the replay of {stored:?}, got {event:?}"));
+                        return Err(format!("expected the replay of one of {left:?}, got {event:?}"));
                     };
-                    if !same_message(data, stored, user.model.user) {
+                    let Some(at) = left.iter().position(|stored| stored.room == data.room) else {
+                        return Err(format!(
+                            "a replay of room {} that was not due: {data:?}",
+                            data.room
+                        ));
+                    };
+                    let stored = left.remove(at);
+                    if !same_message(data, &stored, user.model.user) {
                         return Err(format!("expected the replay of {stored:?}, got {data:?}"));
                     }
                     self.stats.answer("recv (since)".into());

@@ -54,6 +54,9 @@ pub(crate) struct Statements {
     pub(crate) newest_sent: PreparedStatement,
     pub(crate) bucket_insert: PreparedStatement,
     pub(crate) buckets_at_most: PreparedStatement,
+    pub(crate) buckets_between: PreparedStatement,
+    pub(crate) sents_between: PreparedStatement,
+    pub(crate) messages_after_ascending: PreparedStatement,
 
     pub(crate) id_block_create: PreparedStatement,
     pub(crate) id_block_take: PreparedStatement,
@@ -99,6 +102,15 @@ impl Statements {
         )
         .await?;
         buckets_at_most.set_page_size(BUCKET_PAGE_SIZE);
+        let mut buckets_between = prepare(
+            s(
+                "SELECT bucket FROM message_buckets WHERE room_id = ? AND bucket >= ? AND bucket <= ?
+               ORDER BY bucket ASC",
+            ),
+            Kind::Read,
+        )
+        .await?;
+        buckets_between.set_page_size(BUCKET_PAGE_SIZE);
         Ok(Statements {
             ping: prepare(
                 s("SELECT release_version FROM system.local WHERE key = 'local'"),
@@ -269,6 +281,20 @@ impl Statements {
             )
             .await?,
             buckets_at_most,
+            buckets_between,
+            sents_between: prepare(
+                s("SELECT sent FROM messages WHERE room_id = ? AND bucket = ? AND sent > ? AND sent <= ? LIMIT ?"),
+                Kind::Read,
+            )
+            .await?,
+            messages_after_ascending: prepare(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE room_id = ? AND bucket = ? AND sent > ? AND sent <= ? ORDER BY sent ASC LIMIT ?"
+                ),
+                Kind::Read,
+            )
+            .await?,
 
             id_block_create: prepare(
                 s("INSERT INTO id_blocks (name, next) VALUES (?, ?) IF NOT EXISTS"),
