@@ -576,11 +576,19 @@ async fn worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_malformed_frames() {
     let seed = seed("ten_thousand_malformed_frames");
+    // This test is not about limits: it reconnects after every closing frame, as fast as the
+    // machine allows, so no connection or message rate may refuse it on a fast machine.
     let mut server = Server::start_with(&[
         "--msg-rate",
         "100000",
         "--msg-burst",
         "100000",
+        "--conn-rate",
+        "1000000",
+        "--conn-burst",
+        "1000000",
+        "--conn-rate-per-ip",
+        "0",
         "--auth-timeout",
         "120s",
     ])

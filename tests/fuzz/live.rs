@@ -35,6 +35,13 @@ const FLAGS: &[&str] = &[
     "1000000",
     "--msg-burst",
     "1000000",
+    // Sequences reconnect as fast as the machine allows: no connection rate may refuse them.
+    "--conn-rate",
+    "1000000",
+    "--conn-burst",
+    "1000000",
+    "--conn-rate-per-ip",
+    "0",
     "--auth-timeout",
     "10m",
     "--idle-timeout",
