@@ -542,6 +542,12 @@ impl Store for CqlStore {
         Ok(rooms.into_iter().flatten().collect())
     }
 
+    async fn room_count(&self, user: u64) -> StoreResult<usize> {
+        let count: Option<(i64,)> =
+            read_one(&self.session, &self.statements.user_room_count, (user as i64,)).await?;
+        Ok(count.map_or(0, |(count,)| count.max(0) as usize))
+    }
+
     async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
         Ok(self.claim_partition(partition, owner).await?)
     }

@@ -133,6 +133,8 @@ pub trait Store: Send + Sync + 'static {
     async fn is_member(&self, room: u64, user: u64) -> StoreResult<bool>;
     /// The rooms the user has joined, in join order.
     async fn user_rooms(&self, user: u64) -> StoreResult<Vec<Room>>;
+    /// How many rooms the user has joined.
+    async fn room_count(&self, user: u64) -> StoreResult<usize>;
 
     /// Claims `partition` for a new writer with one lightweight transaction (or transaction):
     /// the returned fence's epoch is greater than every earlier one, and writes under any older

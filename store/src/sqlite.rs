@@ -465,6 +465,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn room_count(&self, user: u64) -> StoreResult<usize> {
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT count(*) FROM room_members WHERE user_id = ?1")?
+                .query_row([user as i64], |row| row.get::<_, i64>(0))
+                .map(|count| count as usize)
+        })
+        .await
+    }
+
     async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
         let owner = owner.to_owned();
         self.write(move |conn| {

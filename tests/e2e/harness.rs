@@ -27,7 +27,28 @@ use crate::minicluster::{scrub_env, Cluster, Spec, FAILOVER_TIMEOUT};
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// Flags every test server gets: cheap password hashing keeps logins fast.
-pub(crate) const FAST_ARGON2: [&str; 4] = ["--argon2-memory-kib", "1024", "--argon2-iterations", "1"];
+/// Flags every test server gets unless the test sets them itself: cheap password hashing, and
+/// no registration limit (tests register users as fast as the machine allows).
+const TEST_DEFAULTS: [&str; 6] = [
+    "--argon2-memory-kib",
+    "1024",
+    "--argon2-iterations",
+    "1",
+    "--register-rate-per-ip",
+    "0",
+];
+
+/// [`TEST_DEFAULTS`] without the flags `extra` gives, then `extra`.
+pub(crate) fn test_flags(extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = TEST_DEFAULTS
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten()
+        .map(|s| s.to_string())
+        .collect();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
 
 /// A password that satisfies the 8–128 byte rule.
 pub(crate) const PASSWORD: &str = "correct horse battery";
@@ -401,13 +422,8 @@ impl Server {
                 let dir = TempDir::new();
                 let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
                 args.push(dir.path().display().to_string());
-                args.extend(
-                    FAST_ARGON2
-                        .iter()
-                        .chain(extra)
-                        .chain(sqlite)
-                        .map(|s| s.to_string()),
-                );
+                args.extend(test_flags(extra));
+                args.extend(sqlite.iter().map(|s| s.to_string()));
                 let mut process = Process::new("chatoy", args, dir.path().join("stderr.log"));
                 process.start(LISTENING, Duration::from_secs(30)).await;
                 Server {
@@ -605,6 +621,8 @@ impl Server {
 pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) content_type: String,
+    /// `Retry-After`, if the answer had one.
+    pub(crate) retry_after: Option<String>,
     pub(crate) body: Value,
     pub(crate) text: String,
 }
@@ -704,11 +722,17 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = response.text().await.expect("read body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Reply {
             status,
             content_type,
+            retry_after,
             body,
             text,
         }

@@ -28,10 +28,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::mailbox::{Outbound, Pushed};
-use super::registry::{Peer, Ready};
+use super::registry::{Added, Peer};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
 use crate::Shared;
+use chatoy_store::Session;
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -184,8 +185,8 @@ async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Optio
             Ok(ClientFrame::Auth { token, since }) => {
                 shared.metrics.in_auth.inc();
                 match shared.accounts.authenticate(&shared.store, &token).await {
-                    Ok(Some((user, token_hash))) => {
-                        return admit(shared, ws, conn, user, token_hash, since).await;
+                    Ok(Some((session, token_hash))) => {
+                        return admit(shared, ws, conn, session, token_hash, since).await;
                     }
                     Ok(None) => None,
                     Err(err) => {
@@ -244,13 +245,22 @@ async fn admit(
     shared: &Arc<Shared>,
     ws: &mut Socket,
     conn: u64,
-    user: u64,
+    session: Session,
     token_hash: [u8; 32],
     since: Option<Since>,
 ) -> Option<(Arc<Peer>, Live)> {
     let timeout = shared.config.write_timeout;
-    let peer = Arc::new(Peer::new(conn, user, token_hash));
-    let registered = register(shared, &peer).await;
+    let user = session.user_id;
+    let peer = Arc::new(Peer::new(conn, user, token_hash, session.expires));
+    let member = match shared.registry.add(&peer, shared.config.max_sockets_per_user) {
+        Added::TooMany => {
+            shared.metrics.refused_sockets_per_user.inc();
+            let _ = write_raw(ws, &wire::close(CloseReason::TOO_MANY_SOCKETS), timeout).await;
+            return None;
+        }
+        added => added,
+    };
+    let registered = register(shared, &peer, member).await;
     let rooms = match registered {
         Ok(rooms) => rooms,
         Err(err) => {
@@ -281,23 +291,27 @@ async fn admit(
     }
 }
 
-/// Subscribes the socket to its user and rooms and waits until every subscription is active.
-async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, String> {
-    shared.registry.add_user(peer);
-    // A shutdown that began before `add_user` did not find this socket in `close_all`.
+/// Subscribes the socket's user to its rooms (the user's first socket here reads them; the
+/// others find them) and waits until every room's subscription is active; returns the rooms.
+async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>, added: Added) -> Result<Vec<u64>, String> {
+    // A shutdown that began before `add` did not find this socket in `close_all`.
     if shared.shutdown.is_cancelled() {
         peer.mailbox.close(CloseReason::GOING_AWAY);
     }
-    let rooms = shared
-        .store
-        .user_rooms(peer.user)
-        .await
-        .map_err(|err| err.to_string())?;
-    let ids: Vec<u64> = rooms.iter().map(|room| room.id).collect();
-    let waits: Vec<Ready> = ids
-        .iter()
-        .filter_map(|&room| shared.registry.join(peer, room))
-        .collect();
+    let (member, waits) = match added {
+        Added::First(member) => {
+            let waits = shared.registry.load(&member).await?;
+            (member, waits)
+        }
+        Added::Another(member) => {
+            let waits =
+                tokio::time::timeout(shared.config.send_timeout, shared.registry.wait_loaded(&member))
+                    .await
+                    .map_err(|_| "the user's rooms were not read in time".to_owned())??;
+            (member, waits)
+        }
+        Added::TooMany => return Err("too many sockets".into()),
+    };
     let all_ready = async {
         for mut ready in waits {
             ready
@@ -310,7 +324,7 @@ async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, St
     tokio::time::timeout(shared.config.send_timeout, all_ready)
         .await
         .map_err(|_| "subscriptions not ready in time".to_owned())??;
-    Ok(ids)
+    Ok(member.rooms())
 }
 
 /// Messages read from the store per page of a `since` replay: what a socket holds at most

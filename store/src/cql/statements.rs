@@ -35,6 +35,7 @@ pub(crate) struct Statements {
     pub(crate) member_read: PreparedStatement,
     pub(crate) user_room_insert: PreparedStatement,
     pub(crate) user_rooms_read: PreparedStatement,
+    pub(crate) user_room_count: PreparedStatement,
 
     pub(crate) message_insert: PreparedStatement,
     pub(crate) messages_between: PreparedStatement,
@@ -192,6 +193,11 @@ impl Statements {
             )
             .await?,
 
+            user_room_count: prepare(
+                s("SELECT count(*) FROM user_rooms WHERE user_id = ?"),
+                Kind::Read,
+            )
+            .await?,
             message_insert: prepare(
                 s(
                     "INSERT INTO messages (room_id, bucket, sent, uuid, sender, content, modified)
