@@ -6,6 +6,8 @@
 // room, the newest `sent` seen in it.
 
 const HISTORY_PAGE = 50;
+/** Most rooms one `since` may list (docs/PROTOCOL.md); a longer map is refused. */
+const MAX_SINCE_ROOMS = 1000;
 const SESSION_KEY = "chatoy.session";
 
 const $ = (id) => document.getElementById(id);
@@ -50,6 +52,16 @@ function noteSent(room, sent) {
   const key = tsKey(sent);
   const last = state.lastSent.get(room);
   if (key !== null && (!last || key > last.key)) state.lastSent.set(room, { sent, key });
+}
+
+/** The `since` of the next `auth`: room id -> newest `sent` received in it, for at most
+ *  MAX_SINCE_ROOMS rooms (the most recently active); null if no room has one. A room left out
+ *  gets no replay, so it is read from history again when it is opened (client guide §4). */
+function sinceMap() {
+  if (state.lastSent.size === 0) return null;
+  const newest = [...state.lastSent].sort(([, a], [, b]) => (a.key > b.key ? -1 : a.key < b.key ? 1 : 0));
+  for (const [room] of newest.slice(MAX_SINCE_ROOMS)) state.history.delete(room);
+  return Object.fromEntries(newest.slice(0, MAX_SINCE_ROOMS).map(([room, last]) => [String(room), last.sent]));
 }
 
 function newUuid() {
@@ -132,9 +144,8 @@ function connect() {
   authed = false;
   sock.onopen = () => {
     const frame = { type: "auth", token: state.token };
-    if (state.lastSent.size > 0) {
-      frame.since = Object.fromEntries([...state.lastSent].map(([room, last]) => [String(room), last.sent]));
-    }
+    const since = sinceMap();
+    if (since) frame.since = since;
     sock.send(JSON.stringify(frame));
   };
   sock.onmessage = (event) => {
