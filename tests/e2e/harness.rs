@@ -577,6 +577,25 @@ impl Server {
         }
     }
 
+    /// Writes into a standalone server's database a session of `user` that expired long ago;
+    /// returns its token.
+    pub(crate) fn insert_expired_session(&self, user: u64) -> String {
+        let Backend::Standalone(s) = &self.backend else {
+            panic!("only a standalone server's database can be written by the test");
+        };
+        let token = random_hex(64);
+        let hash: [u8; 32] =
+            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(token.as_bytes())).into();
+        let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
+        db.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        db.execute(
+            "INSERT INTO sessions (token_hash, user_id, generated, expires) VALUES (?1, ?2, 1, 2)",
+            rusqlite::params![&hash[..], user as i64],
+        )
+        .expect("insert an expired session");
+        token
+    }
+
     /// Makes the store unwritable for the server until [`Server::unblock_writes`]: a standalone
     /// server finds SQLite's write lock held by another process (start it with
     /// `--sqlite-busy-timeout` shorter than `--send-timeout` so it answers code 5 itself); a

@@ -232,8 +232,13 @@ async fn per_room_since_replays_each_room_from_its_own_point() {
         api.join(&bob.token, room).await;
     }
     let mut a = Ws::authed(&server, &alice.token).await;
-    // What bob saw before he went away: first up to f1, second up to s1.
+    // What bob saw before he went away: first up to f1, second up to s1 (later than f1). In
+    // between, f_between in first, which he did not see: a server that used the newest of
+    // the map's timestamps for every room would skip it, one that used the oldest would replay
+    // s1 again.
     let f1 = a.send_ok(&new_uuid(), first, "f1").await;
+    let f_between = new_uuid();
+    a.send_ok(&f_between, first, "between").await;
     let s1 = a.send_ok(&new_uuid(), second, "s1").await;
     // While he was away.
     let f2 = new_uuid();
@@ -253,7 +258,7 @@ async fn per_room_since_replays_each_room_from_its_own_point() {
     let mut b = Ws::authed_rooms(&server, &bob.token, &since).await;
     // Then a live message marks the end of the replay: nothing else may come before it.
     let mut replayed = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         replayed.push(b.next_recv().await);
     }
     let live = new_uuid();
@@ -270,7 +275,7 @@ async fn per_room_since_replays_each_room_from_its_own_point() {
             .map(|m| m["uuid"].as_str().expect("uuid").to_owned())
             .collect()
     };
-    assert_eq!(of(first), vec![f2, f3], "first, in sent order");
+    assert_eq!(of(first), vec![f_between, f2, f3], "first, in sent order");
     assert_eq!(of(second), vec![s2]);
     assert!(ts(&hidden) > 0, "a room bob is not in is ignored");
 }

@@ -23,10 +23,6 @@ use crate::harness::{close_code, close_reason, new_uuid, opcode, Api, RawWs, Ser
 use crate::json::Tree;
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
 
-/// How long tokens live on the fuzzed server: long enough for a fresh one, short enough that
-/// the expired one is ready soon after start.
-const TOKEN_TTL: Duration = Duration::from_secs(5);
-
 /// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every
 /// answer is determined), short-lived tokens, and a ping every second so server pings
 /// interleave with the traffic.
@@ -49,7 +45,7 @@ const FLAGS: &[&str] = &[
     "--ping-interval",
     "1s",
     "--token-ttl",
-    "5s",
+    "1h",
 ];
 
 /// What a run tried, for the report at its end.
@@ -186,7 +182,11 @@ impl Live {
         let server = Server::start_with(FLAGS).await;
         let api = server.api();
         let stale = api.new_user("stale").await;
-        let expired_at = tokio::time::Instant::now() + TOKEN_TTL + Duration::from_millis(500);
+        // An expired token: a session of the stale user that ended long ago, written straight
+        // into the server's database (tokens live an hour here, so that no socket's token
+        // expires during a run: that closes the socket, which the model does not predict).
+        let expired = server.insert_expired_session(stale.id);
+        let expired_at = tokio::time::Instant::now();
         let speaker = api.new_user("speaker").await;
         let listener = api.new_user("listener").await;
         let stage = api.create_room(&speaker.token, "stage").await;
@@ -198,7 +198,7 @@ impl Live {
         Live {
             server: tokio::sync::Mutex::new(server),
             api,
-            expired: stale.token,
+            expired,
             expired_at,
             stage,
             bystanders: tokio::sync::Mutex::new(bystanders),
