@@ -577,23 +577,14 @@ impl Server {
         }
     }
 
-    /// Writes into a standalone server's database a session of `user` that expired long ago;
-    /// returns its token.
-    pub(crate) fn insert_expired_session(&self, user: u64) -> String {
+    /// A connection to a standalone server's SQLite database, beside the server's own.
+    pub(crate) fn database(&self) -> rusqlite::Connection {
         let Backend::Standalone(s) = &self.backend else {
-            panic!("only a standalone server's database can be written by the test");
+            panic!("only a standalone server has a database file");
         };
-        let token = random_hex(64);
-        let hash: [u8; 32] =
-            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(token.as_bytes())).into();
         let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
-        db.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
-        db.execute(
-            "INSERT INTO sessions (token_hash, user_id, generated, expires) VALUES (?1, ?2, 1, 2)",
-            rusqlite::params![&hash[..], user as i64],
-        )
-        .expect("insert an expired session");
-        token
+        db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        db
     }
 
     /// Makes the store unwritable for the server until [`Server::unblock_writes`]: a standalone
@@ -602,11 +593,12 @@ impl Server {
     /// cluster loses its router (SIGTERM), so its gateways answer code 5 at `--send-timeout`.
     pub(crate) async fn block_writes(&mut self) {
         match &mut self.backend {
-            Backend::Standalone(s) => {
-                let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
-                db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+            Backend::Standalone(_) => {
+                let db = self.database();
                 db.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
-                *s.lock.lock().expect("lock") = Some(db);
+                if let Backend::Standalone(s) = &self.backend {
+                    *s.lock.lock().expect("lock") = Some(db);
+                }
             }
             Backend::Cluster(c) => {
                 for (name, status) in c.terminate_routers(Duration::from_secs(15)).await {

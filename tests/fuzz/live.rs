@@ -19,9 +19,10 @@ use crate::actions::{
     Action, CloseKind, MsgKind, ResendKind, RoomKind, SinceKind, Template, TextKind, TokenKind, UuidKind,
     Violation, BAD_DATA, BAD_UTF8, BAD_UUIDS, MALFORMED_AUTH, NON_STRING_UUIDS, ROOM_LITERALS,
 };
-use crate::harness::{close_code, close_reason, new_uuid, opcode, Api, RawWs, Server, Ws, WAIT};
+use crate::harness::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
 use crate::json::Tree;
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
+use sha2::Digest;
 
 /// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every
 /// answer is determined), short-lived tokens, and a ping every second so server pings
@@ -185,7 +186,15 @@ impl Live {
         // An expired token: a session of the stale user that ended long ago, written straight
         // into the server's database (tokens live an hour here, so that no socket's token
         // expires during a run: that closes the socket, which the model does not predict).
-        let expired = server.insert_expired_session(stale.id);
+        let expired = random_hex(64);
+        let hash = sha2::Sha256::digest(expired.as_bytes());
+        server
+            .database()
+            .execute(
+                "INSERT INTO sessions (token_hash, user_id, generated, expires) VALUES (?1, ?2, 1, 2)",
+                rusqlite::params![&hash[..], stale.id as i64],
+            )
+            .expect("insert an expired session");
         let expired_at = tokio::time::Instant::now();
         let speaker = api.new_user("speaker").await;
         let listener = api.new_user("listener").await;
