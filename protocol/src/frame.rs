@@ -186,18 +186,20 @@ fn classify(bytes: &[u8], err: serde_json::Error) -> FrameError {
 /// `since`) is invalid, if that is what is wrong with it.
 fn bad_since(bytes: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
-    struct Auth {
+    struct Auth<'a> {
         #[serde(rename = "type")]
         _kind: String,
         #[serde(rename = "token")]
         _token: String,
-        since: serde_json::Value,
+        /// As written: a repeated room inside it must be seen as the direct parse sees it.
+        #[serde(borrow)]
+        since: &'a serde_json::value::RawValue,
     }
-    let auth: Auth = serde_json::from_slice(bytes).ok()?;
-    if auth.since.is_null() {
+    let auth: Auth<'_> = serde_json::from_slice(bytes).ok()?;
+    if auth.since.get() == "null" {
         return None;
     }
-    serde_json::from_value::<Since>(auth.since)
+    serde_json::from_str::<Since>(auth.since.get())
         .err()
         .map(|err| format!("invalid since: {err}"))
 }
