@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -115,8 +116,9 @@ class Overlay:
             return None
         return {**(obj.get("data") or {}), **(obj.get("stringData") or {})}
 
-    def check(self):
-        self.server_dry_run()
+    def check(self, server=True):
+        if server:
+            self.server_dry_run()
         self.check_containers()
         self.check_selectors()
         self.check_monitors()
@@ -129,7 +131,8 @@ class Overlay:
 
     # 1. The real API: built-in objects and custom resources, strict about unknown fields.
     def server_dry_run(self):
-        kubectl = [KUBECTL, "--kubeconfig", KUBECONFIG, "--request-timeout", "60s"]
+        kubectl = [KUBECTL, "--kubeconfig", KUBECONFIG, "--cache-dir", str(Path(KUBECONFIG).parent / "kube-cache"),
+                   "--request-timeout", "60s"]
         slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
         namespaces = [d for d in self.docs if d["kind"] == "Namespace"]
         if namespaces:
@@ -471,11 +474,17 @@ SELF_TESTS = [
 
 
 def self_test(prod_docs):
-    failures = []
-    for title, breaks, expected in SELF_TESTS:
+    def run(case):
         docs = copy.deepcopy(prod_docs)
-        breaks(docs)
-        errors = Overlay(f"self-test: {title}", docs, quiet=True).check()
+        case[1](docs)
+        # The API server is asked only where the expected error is its own.
+        return Overlay(f"self-test: {case[0]}", docs, quiet=True).check(server=case[2].startswith("strict decoding"))
+
+    failures = []
+    # The cases are independent (a dry run changes nothing): a few at a time.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, SELF_TESTS))
+    for (title, _, expected), errors in zip(SELF_TESTS, results):
         found = [e for e in errors if expected in e]
         if found:
             print(f"self-test: {title}: refused as expected ({found[0].split(': ', 2)[-1]})")
