@@ -2,8 +2,8 @@
 //! of docs/client-guide.md. It speaks only the public protocol (docs/PROTOCOL.md): the HTTP API
 //! for accounts, rooms and history, and one WebSocket per command for `auth`, `msg` → `send`
 //! and `recv`. `send` waits for the ack and resends the same uuid after codes 4 and 5 or a lost
-//! connection; `tail` reconnects with jittered backoff and `since` the last `sent` it printed,
-//! and prints every message once (de-duplicated by uuid).
+//! connection; `tail` reconnects with jittered backoff and a per-room `since` (its room: the
+//! last `sent` it printed), and prints every message once (de-duplicated by uuid).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, IsTerminal, Write};
@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use chatoy_protocol::http::{CodeMsg, Credentials, LoginReply, NewRoom, Room, RoomId, User};
-use chatoy_protocol::{AuthCode, ClientFrame, Message, MessageContent, SendCode, ServerFrame, Timestamp};
+use chatoy_protocol::{
+    AuthCode, ClientFrame, Message, MessageContent, SendCode, ServerFrame, Since, Timestamp,
+};
 use clap::{Args, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
@@ -400,7 +402,7 @@ fn lost(err: impl Into<anyhow::Error>) -> Failure {
 }
 
 /// Connects, authenticates (with `since`, if any) and returns the socket, ready for traffic.
-async fn connect(http: &Http, token: &str, since: Option<Timestamp>) -> Result<Socket, Failure> {
+async fn connect(http: &Http, token: &str, since: Option<Since>) -> Result<Socket, Failure> {
     let connecting = tokio_tungstenite::connect_async(http.ws_url.as_str());
     let (mut socket, _) = tokio::time::timeout(NETWORK_TIMEOUT, connecting)
         .await
@@ -643,7 +645,11 @@ impl Tail<'_> {
             return Ok(());
         }
         loop {
-            let mut socket = match connect(self.http, self.token, self.last).await {
+            // Resume per room (docs/client-guide.md §4): this room, from the newest `sent` printed.
+            let since = self
+                .last
+                .map(|last| Since::Rooms(std::collections::BTreeMap::from([(self.room, last)])));
+            let mut socket = match connect(self.http, self.token, since).await {
                 Ok(socket) => socket,
                 Err(Failure::Fatal(err)) => return Err(err),
                 Err(Failure::Lost(err, code)) => {

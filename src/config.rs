@@ -308,6 +308,25 @@ pub(crate) struct GatewayArgs {
     /// Open WebSockets per process; above it the upgrade answers 503.
     #[arg(long, env = "CHATOY_MAX_SOCKETS", default_value_t = 19_000)]
     pub(crate) max_sockets: usize,
+    /// Authenticated sockets of one user per process; the next `auth` is closed with 1008.
+    #[arg(long, env = "CHATOY_MAX_SOCKETS_PER_USER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_sockets_per_user: u32,
+    /// Rooms one user may be in (created or joined); creating or joining more answers 403.
+    #[arg(long, env = "CHATOY_MAX_ROOMS_PER_USER", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_rooms_per_user: u32,
+    /// Password hashes computed at once (argon2id: about --argon2-memory-kib each); a
+    /// registration or login that cannot start one within --hash-wait answers 503.
+    #[arg(long, env = "CHATOY_MAX_CONCURRENT_HASHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) max_concurrent_hashes: u32,
+    /// How long a registration or login waits for one of the concurrent hashes.
+    #[arg(long, env = "CHATOY_HASH_WAIT", default_value = "2s", value_parser = duration)]
+    pub(crate) hash_wait: Duration,
+    /// Registrations per second per client address, sustained (0: no limit); over it, 429.
+    #[arg(long, env = "CHATOY_REGISTER_RATE_PER_IP", default_value = "0.2", value_parser = rate_or_off)]
+    pub(crate) register_rate_per_ip: f64,
+    /// Burst of registrations per client address allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_REGISTER_BURST_PER_IP", default_value = "20", value_parser = burst)]
+    pub(crate) register_burst_per_ip: f64,
     /// On SIGTERM, how long to wait for sockets and in-flight requests before exiting.
     #[arg(long, env = "CHATOY_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub(crate) drain_timeout: Duration,
@@ -339,9 +358,14 @@ pub(crate) struct GatewayArgs {
     /// Burst of new connections per client address allowed above the sustained rate.
     #[arg(long, env = "CHATOY_CONN_BURST_PER_IP", default_value = "1000", value_parser = burst)]
     pub(crate) conn_burst_per_ip: f64,
-    /// Failed logins of one username before its logins answer 429 (0: no limit).
+    /// Failed logins of one username from one client address before that address's logins of
+    /// it answer 429 (0: no limit).
     #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_USER", default_value_t = 10)]
     pub(crate) login_failures_per_user: u32,
+    /// Failed logins of one username from all addresses before its logins answer 429, except
+    /// from addresses it logged in from within --login-lockout (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_USER_ALL", default_value_t = 1000)]
+    pub(crate) login_failures_per_user_all: u32,
     /// Failed logins from one client address before its logins answer 429 (0: no limit).
     #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_IP", default_value_t = 100)]
     pub(crate) login_failures_per_ip: u32,
@@ -383,6 +407,12 @@ impl GatewayArgs {
             msg_rate: self.msg_rate,
             msg_burst: self.msg_burst,
             max_sockets: self.max_sockets,
+            max_sockets_per_user: self.max_sockets_per_user as usize,
+            max_rooms_per_user: self.max_rooms_per_user as usize,
+            max_concurrent_hashes: self.max_concurrent_hashes as usize,
+            hash_wait: self.hash_wait,
+            register_rate_per_ip: self.register_rate_per_ip,
+            register_burst_per_ip: self.register_burst_per_ip,
             drain_timeout: self.drain_timeout,
             since_limit: self.since_limit as usize,
             max_body_size: self.max_body_size as usize,
@@ -393,6 +423,7 @@ impl GatewayArgs {
             conn_rate_per_ip: self.conn_rate_per_ip,
             conn_burst_per_ip: self.conn_burst_per_ip,
             login_failures_per_user: self.login_failures_per_user,
+            login_failures_per_user_all: self.login_failures_per_user_all,
             login_failures_per_ip: self.login_failures_per_ip,
             login_lockout: self.login_lockout,
             client_ip_header: self.client_ip_header.clone(),

@@ -1,6 +1,7 @@
-//! Passwords and tokens: argon2id hashing on blocking threads, 256-bit random tokens that are
-//! stored only as their SHA-256, the lookup that turns a bearer token into a user, and the
-//! throttle that locks a username or a client address out after repeated failed logins.
+//! Passwords and tokens: argon2id hashing on blocking threads (a bounded number at once), 256-bit
+//! random tokens that are stored only as their SHA-256, the lookup that turns a bearer token
+//! into a user, and the throttle that locks out failed logins by (username, address), by
+//! address, and by username from addresses the user has not logged in from.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -20,7 +21,15 @@ pub(crate) struct Accounts {
     token_ttl: Duration,
     /// A hash verified when the username does not exist, so that both paths cost the same.
     dummy_hash: String,
+    /// One permit per hash that may be computed at once: each holds about the argon2 memory.
+    hashes: tokio::sync::Semaphore,
+    /// How long a hash waits for a permit before the request is answered 503.
+    hash_wait: Duration,
 }
+
+/// No hash could start within the wait: the server is busy hashing (503 with `Retry-After`).
+#[derive(Debug)]
+pub(crate) struct Busy;
 
 /// A freshly issued token: the string for the client and the hash for the store.
 pub(crate) struct IssuedToken {
@@ -29,28 +38,47 @@ pub(crate) struct IssuedToken {
 }
 
 impl Accounts {
-    pub(crate) fn new(memory_kib: u32, iterations: u32, token_ttl: Duration) -> Result<Accounts, String> {
+    pub(crate) fn new(
+        memory_kib: u32,
+        iterations: u32,
+        token_ttl: Duration,
+        concurrent_hashes: usize,
+        hash_wait: Duration,
+    ) -> Result<Accounts, String> {
         let params = Params::new(memory_kib, iterations, 1, None)
             .map_err(|err| format!("invalid argon2 parameters: {err}"))?;
         let mut accounts = Accounts {
             params,
             token_ttl,
             dummy_hash: String::new(),
+            hashes: tokio::sync::Semaphore::new(concurrent_hashes.max(1)),
+            hash_wait,
         };
         accounts.dummy_hash = hash_with(accounts.params.clone(), "not a real password")?;
         Ok(accounts)
     }
 
+    /// A permit to compute one hash, waiting at most `hash_wait`.
+    async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Busy> {
+        match tokio::time::timeout(self.hash_wait, self.hashes.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Busy),
+        }
+    }
+
     /// Hashes a new password with argon2id, off the async runtime.
-    pub(crate) async fn hash_password(&self, password: String) -> Result<String, String> {
+    pub(crate) async fn hash_password(&self, password: String) -> Result<Result<String, String>, Busy> {
+        let _permit = self.permit().await?;
         let params = self.params.clone();
-        tokio::task::spawn_blocking(move || hash_with(params, &password))
+        Ok(tokio::task::spawn_blocking(move || hash_with(params, &password))
             .await
-            .map_err(|err| err.to_string())?
+            .map_err(|err| err.to_string())
+            .and_then(|hashed| hashed))
     }
 
     /// Checks a password against a stored hash (or the dummy hash when `hash` is `None`).
-    pub(crate) async fn verify(&self, password: String, hash: Option<String>) -> bool {
+    pub(crate) async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, Busy> {
+        let _permit = self.permit().await?;
         let real = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let checked = tokio::task::spawn_blocking(move || {
@@ -64,7 +92,7 @@ impl Accounts {
         })
         .await
         .unwrap_or(false);
-        real && checked
+        Ok(real && checked)
     }
 
     /// A new 256-bit random token, as 64 hex characters, and its hash.
@@ -83,15 +111,15 @@ impl Accounts {
         }
     }
 
-    /// The user a token stands for, with the token's hash, if it is known and unexpired.
+    /// The session a token stands for, with the token's hash, if it is known and unexpired.
     pub(crate) async fn authenticate(
         &self,
         store: &DynStore,
         token: &str,
-    ) -> StoreResult<Option<(u64, [u8; 32])>> {
+    ) -> StoreResult<Option<(Session, [u8; 32])>> {
         let hash = token_hash(token);
         let session = store.session(&hash, Timestamp::now()).await?;
-        Ok(session.map(|session| (session.user_id, hash)))
+        Ok(session.map(|session| (session, hash)))
     }
 }
 
@@ -109,17 +137,31 @@ fn hash_with(params: Params, password: &str) -> Result<String, String> {
 /// argon2id cost of every attempt, still hold).
 const MAX_TRACKED: usize = 100_000;
 
-/// Failed logins per username and per client address. Failures of a key count until
-/// `lockout` passes without a new one; once `limit` is reached, every login of that key is
-/// refused, without checking the password, until `lockout` after its last failure. Refused
-/// attempts do not count, so a lockout always ends.
+/// Failed logins, counted three ways. Failures of a key count until `lockout` passes without a
+/// new one; once a key reaches its limit, logins it covers are refused, without checking the
+/// password, until `lockout` after its last failure. Refused attempts do not count, so a lockout
+/// always ends.
+/// - by (username, address): a guesser locks only its own address out of that username;
+/// - by address: one address guessing many usernames;
+/// - by username over all addresses (a backstop against a guesser with many addresses, with a
+///   much higher limit): it does not apply to addresses the user logged in from successfully
+///   within the last [`KNOWN_FOR`], so it cannot lock the real user out from a usual address.
 pub(crate) struct LoginThrottle {
-    per_user: u32,
+    per_pair: u32,
     per_addr: u32,
+    per_user_all: u32,
     lockout: Duration,
-    users: Mutex<Failures<String>>,
+    pairs: Mutex<Failures<(String, IpAddr)>>,
     addrs: Mutex<Failures<IpAddr>>,
+    users: Mutex<Failures<String>>,
+    /// Per username, the addresses of its recent successful logins.
+    known: Mutex<HashMap<String, Vec<(IpAddr, Instant)>>>,
 }
+
+/// How long an address a user logged in from stays exempt from the per-username backstop.
+pub(crate) const KNOWN_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most addresses remembered per username.
+const KNOWN_PER_USER: usize = 16;
 
 /// One map of failure counts.
 struct Failures<K> {
@@ -170,68 +212,108 @@ impl<K: Hash + Eq> Failures<K> {
             None => {}
         }
     }
+
+    /// Takes one failure back (an attempt that turned out not to be one).
+    fn take_back(&mut self, key: &K) {
+        if let Some((count, _)) = self.entries.get_mut(key) {
+            *count = count.saturating_sub(1);
+        }
+    }
 }
 
 impl LoginThrottle {
-    /// A throttle allowing `per_user` failures per username and `per_addr` per client address
-    /// (0: no limit).
-    pub(crate) fn new(per_user: u32, per_addr: u32, lockout: Duration) -> LoginThrottle {
+    /// A throttle allowing `per_pair` failures per (username, address), `per_addr` per address
+    /// and `per_user_all` per username from unknown addresses (0: no limit).
+    pub(crate) fn new(per_pair: u32, per_addr: u32, per_user_all: u32, lockout: Duration) -> LoginThrottle {
         LoginThrottle {
-            per_user,
+            per_pair,
             per_addr,
+            per_user_all,
             lockout,
-            users: Mutex::new(Failures::new()),
+            pairs: Mutex::new(Failures::new()),
             addrs: Mutex::new(Failures::new()),
+            users: Mutex::new(Failures::new()),
+            known: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Counts a login attempt before its password is checked, or `Err(retry_after)` if logins
-    /// of `username` or from `addr` are locked. Counting first means concurrent guesses cannot
-    /// slip past the limit while their hashes are computed; [`LoginThrottle::succeeded`] takes a
-    /// successful attempt back.
+    /// Counts a login attempt before its password is checked, or `Err(retry_after)` if it is
+    /// locked out. Counting first means concurrent guesses cannot slip past a limit while their
+    /// hashes are computed; [`LoginThrottle::succeeded`] takes a successful attempt back.
     pub(crate) fn attempt(&self, username: &str, addr: IpAddr) -> Result<(), Duration> {
         let now = Instant::now();
         let name = user_key(username);
-        // Always addresses before usernames, so the two locks are never taken in the other order.
+        // Always in this order, so the locks are never taken in another one.
         let mut addrs = self.addrs.lock();
+        let mut pairs = self.pairs.lock();
         let mut users = self.users.lock();
         let by_addr = addrs.locked(&addr, self.per_addr, self.lockout, now);
+        let by_pair = name
+            .as_ref()
+            .and_then(|name| pairs.locked(&(name.clone(), addr), self.per_pair, self.lockout, now));
         let by_user = name
             .as_ref()
-            .and_then(|name| users.locked(name, self.per_user, self.lockout, now));
-        if let Some(wait) = by_addr.max(by_user) {
+            .filter(|name| !self.is_known(name, addr, now))
+            .and_then(|name| users.locked(name, self.per_user_all, self.lockout, now));
+        if let Some(wait) = by_addr.max(by_pair).max(by_user) {
             return Err(wait);
         }
         if self.per_addr > 0 {
             addrs.fail(addr, self.lockout, now);
         }
-        if let Some(name) = name.filter(|_| self.per_user > 0) {
-            users.fail(name, self.lockout, now);
+        if let Some(name) = name {
+            if self.per_pair > 0 {
+                pairs.fail((name.clone(), addr), self.lockout, now);
+            }
+            if self.per_user_all > 0 {
+                users.fail(name, self.lockout, now);
+            }
         }
         Ok(())
     }
 
+    fn is_known(&self, name: &str, addr: IpAddr, now: Instant) -> bool {
+        self.known.lock().get(name).is_some_and(|addrs| {
+            addrs
+                .iter()
+                .any(|(known, at)| *known == addr && now.saturating_duration_since(*at) < KNOWN_FOR)
+        })
+    }
+
     /// Takes back an attempt that was neither a success nor a failure (the store could not be
-    /// asked).
+    /// asked, or no hash could be computed).
     pub(crate) fn cancel(&self, username: &str, addr: IpAddr) {
-        if let Some((count, _)) = self.addrs.lock().entries.get_mut(&addr) {
-            *count = count.saturating_sub(1);
-        }
+        self.addrs.lock().take_back(&addr);
         if let Some(name) = user_key(username) {
-            if let Some((count, _)) = self.users.lock().entries.get_mut(&name) {
-                *count = count.saturating_sub(1);
-            }
+            self.pairs.lock().take_back(&(name.clone(), addr));
+            self.users.lock().take_back(&name);
         }
     }
 
-    /// Takes back the attempt of a successful login: the username's failures are cleared, the
-    /// address's count loses this attempt only (an attacker's own account must not reset it).
+    /// Takes back the attempt of a successful login: the (username, address) failures are
+    /// cleared, the address's and the username's counts lose this attempt only (an attacker's
+    /// own account must not reset them), and the address becomes known for the username.
     pub(crate) fn succeeded(&self, username: &str, addr: IpAddr) {
-        if let Some((count, _)) = self.addrs.lock().entries.get_mut(&addr) {
-            *count = count.saturating_sub(1);
+        self.addrs.lock().take_back(&addr);
+        let Some(name) = user_key(username) else { return };
+        self.pairs.lock().entries.remove(&(name.clone(), addr));
+        self.users.lock().take_back(&name);
+        let now = Instant::now();
+        let mut known = self.known.lock();
+        if known.len() >= MAX_TRACKED && !known.contains_key(&name) {
+            known.retain(|_, addrs| {
+                addrs.retain(|(_, at)| now.saturating_duration_since(*at) < KNOWN_FOR);
+                !addrs.is_empty()
+            });
+            if known.len() >= MAX_TRACKED {
+                return;
+            }
         }
-        if let Some(name) = user_key(username) {
-            self.users.lock().entries.remove(&name);
+        let addrs = known.entry(name).or_default();
+        addrs.retain(|(known, at)| *known != addr && now.saturating_duration_since(*at) < KNOWN_FOR);
+        addrs.push((addr, now));
+        if addrs.len() > KNOWN_PER_USER {
+            addrs.remove(0);
         }
     }
 }
@@ -263,37 +345,74 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_tokens_are_random() {
-        let accounts = Accounts::new(1024, 1, Duration::from_secs(60)).unwrap();
-        let hash = accounts.hash_password("correct horse".into()).await.unwrap();
+        let accounts = Accounts::new(1024, 1, Duration::from_secs(60), 2, Duration::from_secs(5)).unwrap();
+        let hash = accounts
+            .hash_password("correct horse".into())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(accounts.verify("correct horse".into(), Some(hash.clone())).await);
-        assert!(!accounts.verify("wrong horse".into(), Some(hash)).await);
-        assert!(!accounts.verify("not a real password".into(), None).await);
+        assert!(accounts
+            .verify("correct horse".into(), Some(hash.clone()))
+            .await
+            .unwrap());
+        assert!(!accounts.verify("wrong horse".into(), Some(hash)).await.unwrap());
+        assert!(!accounts.verify("not a real password".into(), None).await.unwrap());
         let (a, b) = (Accounts::issue_token(), Accounts::issue_token());
         assert_eq!(a.token.len(), 64);
         assert_ne!(a.token, b.token);
         assert_eq!(a.hash, token_hash(&a.token));
     }
 
+    #[tokio::test]
+    async fn hashes_wait_for_a_permit_then_give_up() {
+        let accounts = Accounts::new(1024, 1, Duration::from_secs(60), 1, Duration::from_millis(10)).unwrap();
+        let held = accounts.permit().await.unwrap();
+        assert!(accounts.hash_password("correct horse".into()).await.is_err());
+        assert!(accounts.verify("correct horse".into(), None).await.is_err());
+        drop(held);
+        assert!(accounts.hash_password("correct horse".into()).await.is_ok());
+    }
+
     #[test]
-    fn throttle_locks_after_the_limit_and_forgets() {
-        let throttle = LoginThrottle::new(2, 3, Duration::from_secs(60));
+    fn throttle_locks_pairs_addresses_and_unknown_addresses_of_a_user() {
+        let throttle = LoginThrottle::new(2, 3, 4, Duration::from_secs(60));
         let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
-        let (here, there) = (ip("10.0.0.1"), ip("10.0.0.2"));
-        assert!(throttle.attempt("Alice", here).is_ok());
-        assert!(throttle.attempt("alice", there).is_ok());
-        let wait = throttle.attempt("ALICE", ip("10.0.0.3")).unwrap_err();
+        let (home, attacker) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        // Alice logs in from home once: home becomes known for her.
+        assert!(throttle.attempt("alice", home).is_ok());
+        throttle.succeeded("alice", home);
+        // Two failures lock (alice, attacker), case-insensitively, and only that pair.
+        assert!(throttle.attempt("Alice", attacker).is_ok());
+        assert!(throttle.attempt("alice", attacker).is_ok());
+        let wait = throttle.attempt("ALICE", attacker).unwrap_err();
         assert!(wait <= Duration::from_secs(60) && wait > Duration::from_secs(50));
-        // A refused attempt did not count against 10.0.0.3.
-        assert!(throttle.attempt("bob", here).is_ok());
-        throttle.succeeded("bob", here);
-        assert!(throttle.attempt("not a valid name!", here).is_ok());
-        assert!(throttle.attempt("carol", here).is_ok());
         assert!(
-            throttle.attempt("dave", here).is_err(),
-            "three failures from here"
+            throttle.attempt("alice", home).is_ok(),
+            "home is not locked by the attacker"
         );
-        assert!(throttle.attempt("dave", there).is_ok());
+        throttle.succeeded("alice", home);
+        // Many addresses reach the per-username backstop, which spares known addresses.
+        for n in 3..=4 {
+            assert!(throttle.attempt("alice", ip(&format!("10.0.0.{n}"))).is_ok());
+        }
+        assert!(
+            throttle.attempt("alice", ip("10.0.0.9")).is_err(),
+            "the backstop holds"
+        );
+        assert!(
+            throttle.attempt("alice", home).is_ok(),
+            "but not for alice's usual address"
+        );
+        // An address failing on many usernames locks itself out.
+        let guesser = ip("10.0.1.1");
+        for name in ["bob", "carol", "dave"] {
+            assert!(throttle.attempt(name, guesser).is_ok());
+        }
+        assert!(throttle.attempt("erin", guesser).is_err());
+        // Strings that cannot be usernames count against the address only.
+        let other = ip("10.0.2.1");
+        assert!(throttle.attempt("not a valid name!", other).is_ok());
 
         let mut failures = Failures::new();
         let lockout = Duration::from_secs(10);

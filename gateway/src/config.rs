@@ -79,6 +79,19 @@ pub struct GatewayConfig {
     pub msg_burst: f64,
     /// Open WebSockets per gateway; the upgrade answers 503 above it.
     pub max_sockets: usize,
+    /// Authenticated sockets of one user per gateway; the next `auth` closes with 1008.
+    pub max_sockets_per_user: usize,
+    /// Rooms one user may be in (created or joined); creating or joining more answers 403.
+    pub max_rooms_per_user: usize,
+    /// Password hashes (argon2id: about `argon2_memory_kib` each) computed at once; a
+    /// registration or login that cannot start one within `hash_wait` answers 503.
+    pub max_concurrent_hashes: usize,
+    /// How long a registration or login waits for one of the concurrent hashes.
+    pub hash_wait: Duration,
+    /// Registrations per second per client address (sustained); over it, 429. Zero disables.
+    pub register_rate_per_ip: f64,
+    /// Burst of registrations per client address allowed above `register_rate_per_ip`.
+    pub register_burst_per_ip: f64,
     /// Grace period for sockets and in-flight work on shutdown.
     pub drain_timeout: Duration,
     /// Most messages replayed per room for `since`.
@@ -100,8 +113,13 @@ pub struct GatewayConfig {
     pub conn_rate_per_ip: f64,
     /// Burst of new connections per client address allowed above `conn_rate_per_ip`.
     pub conn_burst_per_ip: f64,
-    /// Failed logins of one username before its logins are refused with 429; 0 disables.
+    /// Failed logins of one username from one client address before that address's logins
+    /// of the username are refused with 429; 0 disables.
     pub login_failures_per_user: u32,
+    /// Failed logins of one username from all addresses before its logins are refused with
+    /// 429 — except from addresses it logged in from successfully within `login_lockout`; 0
+    /// disables.
+    pub login_failures_per_user_all: u32,
     /// Failed logins from one client address before its logins are refused with 429; 0
     /// disables.
     pub login_failures_per_ip: u32,
@@ -134,6 +152,12 @@ impl Default for GatewayConfig {
             msg_rate: 100.0,
             msg_burst: 200.0,
             max_sockets: 19_000,
+            max_sockets_per_user: 64,
+            max_rooms_per_user: 1000,
+            max_concurrent_hashes: 4,
+            hash_wait: Duration::from_secs(2),
+            register_rate_per_ip: 0.2,
+            register_burst_per_ip: 20.0,
             drain_timeout: Duration::from_secs(10),
             since_limit: 1000,
             max_body_size: 64 * 1024,
@@ -144,6 +168,7 @@ impl Default for GatewayConfig {
             conn_rate_per_ip: 100.0,
             conn_burst_per_ip: 1000.0,
             login_failures_per_user: 10,
+            login_failures_per_user_all: 1000,
             login_failures_per_ip: 100,
             login_lockout: Duration::from_secs(15 * 60),
             client_ip_header: None,

@@ -24,7 +24,7 @@ use ws::wire::CloseReason;
 pub use config::{AllowedOrigins, GatewayConfig};
 
 use crate::accounts::{Accounts, LoginThrottle};
-use crate::http::{Admission, ConnInfo};
+use crate::http::{AddrBuckets, Admission, ConnInfo};
 use crate::metrics::Metrics;
 use crate::ws::registry::Registry;
 
@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     logins: LoginThrottle,
     /// New connections per second, per gateway and per client address.
     admission: Admission,
+    /// Registrations per second per client address.
+    registrations: AddrBuckets,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     /// This process's random id on the bus, so its own sockets are recognised in room events.
@@ -116,6 +118,8 @@ pub async fn run(
         config.argon2_memory_kib,
         config.argon2_iterations,
         config.token_ttl,
+        config.max_concurrent_hashes,
+        config.hash_wait,
     )?;
     let metrics = Arc::new(
         Metrics::new(bus.clone(), metrics)
@@ -133,9 +137,11 @@ pub async fn run(
     let logins = LoginThrottle::new(
         config.login_failures_per_user,
         config.login_failures_per_ip,
+        config.login_failures_per_user_all,
         config.login_lockout,
     );
     let admission = Admission::new(&config);
+    let registrations = AddrBuckets::new(config.register_rate_per_ip, config.register_burst_per_ip);
     let shared = Arc::new(Shared {
         config,
         store,
@@ -143,6 +149,7 @@ pub async fn run(
         accounts,
         logins,
         admission,
+        registrations,
         metrics,
         registry,
         gateway_id,

@@ -41,6 +41,16 @@ pub(crate) struct Metrics {
     pub(crate) refused_login: IntCounter,
     /// Requests refused for their `Origin` (403).
     pub(crate) refused_origin: IntCounter,
+    /// Registrations refused over a client address's registration rate (429).
+    pub(crate) refused_registration: IntCounter,
+    /// Logins and registrations refused because no password hash could start in time (503).
+    pub(crate) refused_hashing: IntCounter,
+    /// Room creations and joins refused at the rooms-per-user limit (403).
+    pub(crate) refused_rooms: IntCounter,
+    /// Authentications refused at the sockets-per-user limit (close 1008).
+    pub(crate) refused_sockets_per_user: IntCounter,
+    /// Password hashes computed (argon2id: registrations and logins).
+    pub(crate) password_hashes: IntCounter,
     /// The bus's reconnects, brought up to date from `bus` at each scrape; `reconnects_seen` is
     /// the bus's count already added, so concurrent scrapes add each reconnect once.
     bus_reconnects: IntCounter,
@@ -102,6 +112,10 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let password_hashes = IntCounter::new(
+            "chatoy_password_hashes_total",
+            "Password hashes computed (argon2id), for registrations and logins.",
+        )?;
         let bus_reconnects = IntCounter::new(
             "chatoy_nats_reconnects_total",
             "Times the gateway's NATS connection was re-established after a loss.",
@@ -118,6 +132,7 @@ impl Metrics {
             Box::new(bus_gaps.clone()),
             Box::new(refused.clone()),
             Box::new(bus_reconnects.clone()),
+            Box::new(password_hashes.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -143,6 +158,11 @@ impl Metrics {
             refused_conn_rate_ip: refused.with_label_values(&["conn_rate_ip"]),
             refused_login: refused.with_label_values(&["login_locked"]),
             refused_origin: refused.with_label_values(&["origin"]),
+            refused_registration: refused.with_label_values(&["register_rate_ip"]),
+            refused_hashing: refused.with_label_values(&["hashing_busy"]),
+            refused_rooms: refused.with_label_values(&["rooms_per_user"]),
+            refused_sockets_per_user: refused.with_label_values(&["sockets_per_user"]),
+            password_hashes,
             bus_reconnects,
             reconnects_seen: AtomicU64::new(0),
             bus,

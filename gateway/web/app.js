@@ -2,9 +2,12 @@
 // docs/PROTOCOL.md the way docs/client-guide.md describes: HTTP for accounts, rooms and history;
 // one WebSocket for `auth`, `msg` -> `send` acks and live `recv`; messages are identified by
 // uuid (de-duplicated), ordered by `sent`, resent with the same uuid after codes 4 and 5 or a
-// lost connection; the socket reconnects with jittered backoff and `since` the last `sent` seen.
+// lost connection; the socket reconnects with jittered backoff and a per-room `since`: for each
+// room, the newest `sent` seen in it.
 
 const HISTORY_PAGE = 50;
+/** Most rooms one `since` may list (docs/PROTOCOL.md); a longer map is refused. */
+const MAX_SINCE_ROOMS = 1000;
 const SESSION_KEY = "chatoy.session";
 
 const $ = (id) => document.getElementById(id);
@@ -24,9 +27,10 @@ const state = {
   history: new Map(),
   /** uuid -> {uuid, room, text, attempts, timer}: sent but not acknowledged with code 0. */
   pending: new Map(),
-  /** The greatest `sent` seen (text and sort key): the `since` of the next `auth`. */
-  lastSent: null,
-  lastKey: -1n,
+  /** Room id -> {sent, key}: the newest `sent` received in the room (text and sort key), the
+   *  per-room `since` of the next `auth`. Acks do not count: a message of the room with an
+   *  earlier `sent` may still be on its way. */
+  lastSent: new Map(),
   /** User id -> username. */
   names: new Map(),
 };
@@ -44,12 +48,20 @@ function tsKey(text) {
   return BigInt(ms) * 1000000n + BigInt(frac);
 }
 
-function noteSent(sent) {
+function noteSent(room, sent) {
   const key = tsKey(sent);
-  if (key !== null && key > state.lastKey) {
-    state.lastKey = key;
-    state.lastSent = sent;
-  }
+  const last = state.lastSent.get(room);
+  if (key !== null && (!last || key > last.key)) state.lastSent.set(room, { sent, key });
+}
+
+/** The `since` of the next `auth`: room id -> newest `sent` received in it, for at most
+ *  MAX_SINCE_ROOMS rooms (the most recently active); null if no room has one. A room left out
+ *  gets no replay, so it is read from history again when it is opened (client guide §4). */
+function sinceMap() {
+  if (state.lastSent.size === 0) return null;
+  const newest = [...state.lastSent].sort(([, a], [, b]) => (a.key > b.key ? -1 : a.key < b.key ? 1 : 0));
+  for (const [room] of newest.slice(MAX_SINCE_ROOMS)) state.history.delete(room);
+  return Object.fromEntries(newest.slice(0, MAX_SINCE_ROOMS).map(([room, last]) => [String(room), last.sent]));
 }
 
 function newUuid() {
@@ -132,7 +144,8 @@ function connect() {
   authed = false;
   sock.onopen = () => {
     const frame = { type: "auth", token: state.token };
-    if (state.lastSent) frame.since = state.lastSent;
+    const since = sinceMap();
+    if (since) frame.since = since;
     sock.send(JSON.stringify(frame));
   };
   sock.onmessage = (event) => {
@@ -221,7 +234,6 @@ function onAck(frame) {
   if (!p) return;
   if (frame.code === 0) {
     state.pending.delete(p.uuid);
-    noteSent(frame.sent);
     upsert({ uuid: p.uuid, sender: state.user.id, room: p.room, text: p.text, sent: frame.sent, status: "sent" });
   } else if (frame.code === 4 || frame.code === 5) {
     // Rate limited or temporarily unavailable: the same uuid again, later.
@@ -242,7 +254,7 @@ function onAck(frame) {
 
 function onRecv(data) {
   if (!data || typeof data.uuid !== "string") return;
-  noteSent(data.sent);
+  noteSent(data.room, data.sent);
   // Our own message, replayed by `since` after its ack was lost: it is stored.
   const p = state.pending.get(data.uuid);
   if (p) {
@@ -438,7 +450,7 @@ function updateHistoryControls() {
 
 function mergePage(room, page) {
   for (const m of page) {
-    noteSent(m.sent);
+    noteSent(room, m.sent);
     upsert({ ...fromWire(m), status: "sent" });
   }
 }
@@ -515,8 +527,7 @@ function endSession(why) {
   state.messages.clear();
   state.history.clear();
   state.current = null;
-  state.lastSent = null;
-  state.lastKey = -1n;
+  state.lastSent.clear();
   $("messages").replaceChildren();
   $("rooms").replaceChildren();
   $("chat-view").hidden = true;

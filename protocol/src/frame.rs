@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codes::{AuthCode, SendCode};
+use crate::since::Since;
 use crate::time::Timestamp;
 
 /// A frame from a client, tagged by `type`.
@@ -14,9 +15,10 @@ pub enum ClientFrame {
     Auth {
         /// The opaque token.
         token: String,
-        /// Extension: replay stored messages with `sent` after this time before live traffic.
+        /// Extension: replay stored messages newer than where the client left off (per room,
+        /// or one timestamp for every room) before live traffic.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        since: Option<Timestamp>,
+        since: Option<Since>,
     },
     /// Send a message to a room.
     Msg {
@@ -129,6 +131,9 @@ pub enum FrameError {
     Unreadable(String),
     /// An `auth` frame with missing or mistyped fields: an `auth` answer with code 1.
     BadAuth,
+    /// An `auth` frame whose token is a string but whose `since` is not valid: an `error`
+    /// frame, code 3, that does not count as a failed authentication.
+    BadSince(String),
     /// A `msg` frame with missing or mistyped fields: a `send` answer with code 3.
     BadMsg {
         /// The frame's `uuid` if it was a string, else empty.
@@ -164,7 +169,7 @@ fn classify(bytes: &[u8], err: serde_json::Error) -> FrameError {
         return FrameError::Unreadable("a frame must be a JSON object".into());
     };
     match object.get("type").and_then(|t| t.as_str()) {
-        Some("auth") => FrameError::BadAuth,
+        Some("auth") => bad_since(bytes).map_or(FrameError::BadAuth, FrameError::BadSince),
         Some("msg") => FrameError::BadMsg {
             uuid: object
                 .get("uuid")
@@ -175,6 +180,26 @@ fn classify(bytes: &[u8], err: serde_json::Error) -> FrameError {
         Some(other) => FrameError::Unreadable(format!("unknown frame type {other:?}")),
         None => FrameError::Unreadable("missing frame type".into()),
     }
+}
+
+/// Why the `since` of an otherwise well-formed `auth` (one `type`, one string `token`, one
+/// `since`) is invalid, if that is what is wrong with it.
+fn bad_since(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Auth {
+        #[serde(rename = "type")]
+        _kind: String,
+        #[serde(rename = "token")]
+        _token: String,
+        since: serde_json::Value,
+    }
+    let auth: Auth = serde_json::from_slice(bytes).ok()?;
+    if auth.since.is_null() {
+        return None;
+    }
+    serde_json::from_value::<Since>(auth.since)
+        .err()
+        .map(|err| format!("invalid since: {err}"))
 }
 
 impl ServerFrame {
@@ -316,12 +341,23 @@ mod tests {
         )
         .unwrap();
         let ClientFrame::Auth {
-            since: Some(since), ..
+            since: Some(Since::All(since)),
+            ..
         } = frame
         else {
             panic!("expected auth with since");
         };
         assert_eq!(since.to_string(), "2022-12-22T06:33:59.579746716+00:00");
+        let frame =
+            ClientFrame::parse(br#"{"type":"auth","token":"t","since":{"4":"1970-01-01T00:00:01Z"}}"#)
+                .unwrap();
+        let ClientFrame::Auth {
+            since: Some(since), ..
+        } = frame
+        else {
+            panic!("expected auth with since");
+        };
+        assert_eq!(since.for_room(4), Some(Timestamp(1_000_000_000)));
     }
 
     #[test]
@@ -332,6 +368,18 @@ mod tests {
             (br#"{"type":"nope"}"#, FrameError::Unreadable(String::new())),
             (br#"{"token":"x"}"#, FrameError::Unreadable(String::new())),
             (br#"{"type":"auth","token":5}"#, FrameError::BadAuth),
+            (
+                br#"{"type":"auth","token":5,"since":"nope"}"#,
+                FrameError::BadAuth,
+            ),
+            (
+                br#"{"type":"auth","token":"t","since":{"x":"1970-01-01T00:00:01Z"}}"#,
+                FrameError::BadSince(String::new()),
+            ),
+            (
+                br#"{"type":"auth","token":"t","since":"yesterday"}"#,
+                FrameError::BadSince(String::new()),
+            ),
             (
                 br#"{"type":"msg","uuid":"u","room":-1,"data":{"type":"Text","text":"x"}}"#,
                 FrameError::BadMsg { uuid: "u".into() },
@@ -349,6 +397,9 @@ mod tests {
             let got = ClientFrame::parse(input).unwrap_err();
             match (&got, expected) {
                 (FrameError::Unreadable(_), FrameError::Unreadable(_)) => {}
+                (FrameError::BadSince(why), FrameError::BadSince(_)) => {
+                    assert!(why.contains("since"), "{why}")
+                }
                 _ => assert_eq!(&got, expected, "{}", String::from_utf8_lossy(input)),
             }
         }

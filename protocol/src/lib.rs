@@ -8,11 +8,13 @@ pub mod bus;
 pub mod codes;
 pub mod frame;
 pub mod http;
+pub mod since;
 pub mod time;
 pub mod validate;
 
 pub use codes::{AuthCode, SendCode};
 pub use frame::{ClientFrame, Message, MessageContent, ServerFrame};
+pub use since::Since;
 pub use time::Timestamp;
 
 /// The partition a room belongs to when rooms are spread over `partitions` sequencers (at least

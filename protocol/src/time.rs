@@ -23,10 +23,18 @@ impl Timestamp {
         self.0
     }
 
-    /// Parses an RFC 3339 timestamp with any offset; `None` if it is not one or is out of range.
+    /// Parses an RFC 3339 timestamp with any offset; `None` if it is not one. Instants outside
+    /// what nanoseconds in an `i64` hold (before 1677-09-21 or after 2262-04-11) are clamped to
+    /// the nearest representable one: a client asking for "everything before 2999" means now.
     pub fn parse(text: &str) -> Option<Self> {
         let parsed = DateTime::parse_from_rfc3339(text.trim()).ok()?;
-        parsed.timestamp_nanos_opt().map(Timestamp)
+        Some(Timestamp(parsed.timestamp_nanos_opt().unwrap_or_else(|| {
+            if parsed.timestamp() > 0 {
+                i64::MAX
+            } else {
+                i64::MIN
+            }
+        })))
     }
 }
 
@@ -67,5 +75,26 @@ mod tests {
         assert_eq!(Timestamp::parse("yesterday"), None);
         assert_eq!(Timestamp::parse(""), None);
         assert_eq!(Timestamp::parse("99999-01-01T00:00:00Z"), None);
+    }
+
+    #[test]
+    fn clamps_what_nanoseconds_cannot_hold() {
+        assert_eq!(
+            Timestamp::parse("2999-01-01T00:00:00Z"),
+            Some(Timestamp(i64::MAX))
+        );
+        assert_eq!(
+            Timestamp::parse("9999-12-31T23:59:59+14:00"),
+            Some(Timestamp(i64::MAX))
+        );
+        assert_eq!(
+            Timestamp::parse("1000-01-01T00:00:00Z"),
+            Some(Timestamp(i64::MIN))
+        );
+        assert_eq!(
+            Timestamp::parse("2262-04-11T23:47:16.854775807Z"),
+            Some(Timestamp(i64::MAX))
+        );
+        assert!(Timestamp::parse("2262-04-11T00:00:00Z").unwrap().0 < i64::MAX);
     }
 }

@@ -542,6 +542,12 @@ impl Store for CqlStore {
         Ok(rooms.into_iter().flatten().collect())
     }
 
+    async fn room_count(&self, user: u64) -> StoreResult<usize> {
+        let count: Option<(i64,)> =
+            read_one(&self.session, &self.statements.user_room_count, (user as i64,)).await?;
+        Ok(count.map_or(0, |(count,)| count.max(0) as usize))
+    }
+
     async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
         Ok(self.claim_partition(partition, owner).await?)
     }
@@ -564,6 +570,14 @@ impl Store for CqlStore {
 
     async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
         Ok(self.since_of(room, after.0, limit).await?)
+    }
+
+    async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp> {
+        Ok(Timestamp(self.replay_start_of(room, after.0, limit).await?))
+    }
+
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+        Ok(self.page_after_of(room, after.0, limit).await?)
     }
 }
 

@@ -133,6 +133,8 @@ pub trait Store: Send + Sync + 'static {
     async fn is_member(&self, room: u64, user: u64) -> StoreResult<bool>;
     /// The rooms the user has joined, in join order.
     async fn user_rooms(&self, user: u64) -> StoreResult<Vec<Room>>;
+    /// How many rooms the user has joined.
+    async fn room_count(&self, user: u64) -> StoreResult<usize>;
 
     /// Claims `partition` for a new writer with one lightweight transaction (or transaction):
     /// the returned fence's epoch is greater than every earlier one, and writes under any older
@@ -159,4 +161,10 @@ pub trait Store: Send + Sync + 'static {
     async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
     /// The newest `limit` messages of the room with `sent > after`, oldest first.
     async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
+    /// Where a replay of the newest `limit` messages with `sent > after` starts: `after` itself
+    /// when at most `limit` such messages are stored, else the `sent` of the newest one left
+    /// out. Reads only `sent` values, so it costs little memory whatever the messages' size.
+    async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp>;
+    /// Up to `limit` messages of the room with `sent > after`, oldest first: a page of a replay.
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
 }

@@ -465,6 +465,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn room_count(&self, user: u64) -> StoreResult<usize> {
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT count(*) FROM room_members WHERE user_id = ?1")?
+                .query_row([user as i64], |row| row.get::<_, i64>(0))
+                .map(|count| count as usize)
+        })
+        .await
+    }
+
     async fn claim(&self, partition: u32, owner: &str) -> StoreResult<Fence> {
         let owner = owner.to_owned();
         self.write(move |conn| {
@@ -547,6 +556,33 @@ impl Store for SqliteStore {
             let mut messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             messages.reverse();
             Ok(messages)
+        })
+        .await
+    }
+
+    async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT sent FROM messages WHERE room_id = ?1 AND sent > ?2
+                 ORDER BY sent DESC LIMIT 1 OFFSET ?3",
+            )?
+            .query_row(params![room as i64, after.0, limit as i64], |row| {
+                row.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|left_out| left_out.map_or(after, Timestamp))
+        })
+        .await
+    }
+
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent > ?2
+                 ORDER BY sent LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![room as i64, after.0, limit as i64], message_from_row)?;
+            rows.collect()
         })
         .await
     }

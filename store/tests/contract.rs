@@ -459,6 +459,49 @@ async fn history_and_since(store: DynStore) {
         vec![1_180, 1_190, 1_200]
     );
     assert!(store.since(9, Timestamp(1_200), 10).await.unwrap().is_empty());
+    // A replay's start keeps at most `limit` newer messages; pages go oldest first.
+    assert_eq!(
+        store.replay_start(9, Timestamp(1_150), 100).await.unwrap(),
+        Timestamp(1_150)
+    );
+    assert_eq!(
+        store.replay_start(9, Timestamp(0), 3).await.unwrap(),
+        Timestamp(1_170)
+    );
+    assert_eq!(
+        store.replay_start(9, Timestamp(1_175), 3).await.unwrap(),
+        Timestamp(1_175)
+    );
+    assert_eq!(
+        store.replay_start(9, Timestamp(1_175), 2).await.unwrap(),
+        Timestamp(1_180)
+    );
+    assert_eq!(
+        store.replay_start(9, Timestamp(1_175), 1).await.unwrap(),
+        Timestamp(1_190)
+    );
+    assert_eq!(
+        store.replay_start(7, Timestamp(0), 5).await.unwrap(),
+        Timestamp(0)
+    );
+    let page = store.page_after(9, Timestamp(1_170), 2).await.unwrap();
+    assert_eq!(sents(&page), vec![1_180, 1_190]);
+    let page = store.page_after(9, Timestamp(1_190), 5).await.unwrap();
+    assert_eq!(sents(&page), vec![1_200]);
+    let mut walked = Vec::new();
+    let mut cursor = Timestamp(0);
+    loop {
+        let page = store.page_after(9, cursor, 7).await.unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = last.sent;
+        walked.extend(sents(&page));
+    }
+    assert_eq!(
+        walked,
+        (1..=120).map(|n| n * 10).collect::<Vec<_>>(),
+        "pages across buckets"
+    );
+    assert!(store.page_after(9, Timestamp(1_200), 5).await.unwrap().is_empty());
     assert_eq!(store.since(8, Timestamp(0), 10).await.unwrap()[0].room, 8);
 }
 

@@ -1,7 +1,8 @@
 // The web client in a real browser (run by scripts/browser-test): a single-process chatoy on a
 // fresh data directory, Debian's headless Chromium driven by playwright-core, two users in two
-// browser contexts. They register, one creates a room and the other joins, they chat both ways;
-// bob goes offline, writes while offline (pending) and comes back to what he missed; the server
+// browser contexts. They register, one creates two rooms and the other joins, they chat both
+// ways; bob goes offline, writes while offline (pending) and comes back to what he missed, in
+// the room on screen and, through the per-room `since` of his `auth`, in the other one; the server
 // restarts (1001) and both reconnect by themselves; bob reloads and pages back through history.
 // Screenshots of the room view go to $CHATOY_ARTIFACTS. Any failure exits non-zero; the server
 // and the browser are stopped in every case.
@@ -112,6 +113,27 @@ async function newUser(browser, base, name) {
   return { context, page, name };
 }
 
+/** Collects the `auth` frames the page sends, parsed, on every WebSocket it opens. */
+function recordAuths(page) {
+  const auths = [];
+  page.on("websocket", (ws) => {
+    ws.on("framesent", ({ payload }) => {
+      try {
+        const frame = JSON.parse(payload);
+        if (frame.type === "auth") auths.push(frame);
+      } catch {
+        // Not JSON: not an auth frame.
+      }
+    });
+  });
+  return auths;
+}
+
+async function openRoom(page, id, name) {
+  await page.locator(`#rooms button[data-room="${id}"]`).click();
+  await page.locator("#room-title", { hasText: name }).waitFor({ timeout: WAIT });
+}
+
 async function connState(page, state) {
   await page.waitForFunction((s) => document.getElementById("conn").dataset.state === s, state, { timeout: WAIT * 2 });
 }
@@ -145,6 +167,10 @@ async function shown(page) {
 
 function assert(cond, what) {
   if (!cond) throw new Error(`assertion failed: ${what}`);
+}
+
+function sameKeys(a, b) {
+  return JSON.stringify([...a].sort()) === JSON.stringify([...b].sort());
 }
 
 function sameList(a, b, what) {
@@ -187,12 +213,31 @@ async function main() {
     await seen(alice.page, "Hello Alice");
     log("messages both ways");
 
+    // A second room, with one message bob sees: it gives him a resume point there.
+    await alice.page.getByLabel("New room").fill("side");
+    await alice.page.getByRole("button", { name: "Create" }).click();
+    await alice.page.locator("#room-title", { hasText: "side" }).waitFor({ timeout: WAIT });
+    const side = /Room id (\d+)/.exec(await alice.page.locator("#room-info").textContent())[1];
+    await bob.page.getByLabel("Join room by id").fill(side);
+    await bob.page.getByRole("button", { name: "Join" }).click();
+    await bob.page.locator("#room-title", { hasText: "side" }).waitFor({ timeout: WAIT });
+    await send(alice.page, "The side room is open.");
+    await seen(bob.page, "side room is open");
+    await openRoom(alice.page, room, "lobby");
+    await openRoom(bob.page, room, "lobby");
+    const bobAuths = recordAuths(bob.page);
+    log(`room ${side}: a second room, bob has seen its first message`);
+
     // Bob goes offline and writes: his message waits, pending. Alice writes meanwhile.
     await bob.context.setOffline(true);
     await connState(bob.page, "offline");
     await send(bob.page, "Writing this on the train, offline…");
     await seen(bob.page, "on the train", "pending");
     await shot(bob.page, "bob-offline-pending");
+    await openRoom(alice.page, side, "side");
+    await send(alice.page, "A side note while bob is away.");
+    await seen(alice.page, "side note", "sent");
+    await openRoom(alice.page, room, "lobby");
     await send(alice.page, "Did you get the agenda for tomorrow?");
     await send(alice.page, "It is in the shared folder.");
     await seen(alice.page, "shared folder", "sent");
@@ -216,6 +261,23 @@ async function main() {
     await shot(alice.page, "room-view");
     await shot(bob.page, "bob-back-online");
     log("bob back online: saw what he missed, his pending message went out");
+
+    // The side room's message came through the `since` replay: bob's page reads only the room
+    // on screen from history. His `auth` listed each room with the last `sent` he saw there.
+    const resumed = bobAuths.find((frame) => frame.since !== undefined);
+    assert(resumed, `bob resumed with since: ${JSON.stringify(bobAuths)}`);
+    const since = resumed.since;
+    assert(
+      typeof since === "object" && !Array.isArray(since) &&
+        sameKeys(Object.keys(since), [room, side]) && Object.values(since).every((t) => typeof t === "string"),
+      `since is a map of both rooms: ${JSON.stringify(since)}`,
+    );
+    await bob.page.locator(`#rooms button[data-room="${side}"] .unread`, { hasText: "1" }).waitFor({ timeout: WAIT });
+    await openRoom(bob.page, side, "side");
+    await seen(bob.page, "side note");
+    sameList((await shown(bob.page)).texts, ["The side room is open.", "A side note while bob is away."], "the side room");
+    await openRoom(bob.page, room, "lobby");
+    log("bob's other room: its missed message came through the per-room since");
 
     // The server restarts (it closes the sockets with 1001): both reconnect by themselves.
     await stopServer();

@@ -18,6 +18,7 @@ mod latency;
 mod load;
 mod ordering;
 mod orphan;
+mod resume_rooms;
 mod scale_in;
 mod scale_out;
 mod schema;

@@ -27,7 +27,28 @@ use crate::minicluster::{scrub_env, Cluster, Spec, FAILOVER_TIMEOUT};
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// Flags every test server gets: cheap password hashing keeps logins fast.
-pub(crate) const FAST_ARGON2: [&str; 4] = ["--argon2-memory-kib", "1024", "--argon2-iterations", "1"];
+/// Flags every test server gets unless the test sets them itself: cheap password hashing, and
+/// no registration limit (tests register users as fast as the machine allows).
+const TEST_DEFAULTS: [&str; 6] = [
+    "--argon2-memory-kib",
+    "1024",
+    "--argon2-iterations",
+    "1",
+    "--register-rate-per-ip",
+    "0",
+];
+
+/// [`TEST_DEFAULTS`] without the flags `extra` gives, then `extra`.
+pub(crate) fn test_flags(extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = TEST_DEFAULTS
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten()
+        .map(|s| s.to_string())
+        .collect();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
 
 /// A password that satisfies the 8–128 byte rule.
 pub(crate) const PASSWORD: &str = "correct horse battery";
@@ -401,13 +422,8 @@ impl Server {
                 let dir = TempDir::new();
                 let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
                 args.push(dir.path().display().to_string());
-                args.extend(
-                    FAST_ARGON2
-                        .iter()
-                        .chain(extra)
-                        .chain(sqlite)
-                        .map(|s| s.to_string()),
-                );
+                args.extend(test_flags(extra));
+                args.extend(sqlite.iter().map(|s| s.to_string()));
                 let mut process = Process::new("chatoy", args, dir.path().join("stderr.log"));
                 process.start(LISTENING, Duration::from_secs(30)).await;
                 Server {
@@ -561,17 +577,28 @@ impl Server {
         }
     }
 
+    /// A connection to a standalone server's SQLite database, beside the server's own.
+    pub(crate) fn database(&self) -> rusqlite::Connection {
+        let Backend::Standalone(s) = &self.backend else {
+            panic!("only a standalone server has a database file");
+        };
+        let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
+        db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        db
+    }
+
     /// Makes the store unwritable for the server until [`Server::unblock_writes`]: a standalone
     /// server finds SQLite's write lock held by another process (start it with
     /// `--sqlite-busy-timeout` shorter than `--send-timeout` so it answers code 5 itself); a
     /// cluster loses its router (SIGTERM), so its gateways answer code 5 at `--send-timeout`.
     pub(crate) async fn block_writes(&mut self) {
         match &mut self.backend {
-            Backend::Standalone(s) => {
-                let db = rusqlite::Connection::open(s.dir.path().join("chatoy.db")).expect("open chatoy.db");
-                db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+            Backend::Standalone(_) => {
+                let db = self.database();
                 db.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
-                *s.lock.lock().expect("lock") = Some(db);
+                if let Backend::Standalone(s) = &self.backend {
+                    *s.lock.lock().expect("lock") = Some(db);
+                }
             }
             Backend::Cluster(c) => {
                 for (name, status) in c.terminate_routers(Duration::from_secs(15)).await {
@@ -605,6 +632,8 @@ impl Server {
 pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) content_type: String,
+    /// `Retry-After`, if the answer had one.
+    pub(crate) retry_after: Option<String>,
     pub(crate) body: Value,
     pub(crate) text: String,
 }
@@ -704,11 +733,17 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = response.text().await.expect("read body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Reply {
             status,
             content_type,
+            retry_after,
             body,
             text,
         }
@@ -905,6 +940,18 @@ pub(crate) fn assert_token(token: &str) {
 }
 
 /// The uuids of `recv.data` values, in order.
+/// The uuids of messages per room, each room in arrival order (a `since` replay orders each room
+/// by `sent` and sends the rooms one after another).
+pub(crate) fn uuids_by_room(messages: &[Value]) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut rooms: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+    for message in messages {
+        let room = message["room"].as_u64().expect("room");
+        let uuid = message["uuid"].as_str().expect("uuid").to_owned();
+        rooms.entry(room).or_default().push(uuid);
+    }
+    rooms
+}
+
 pub(crate) fn uuids(messages: &[Value]) -> Vec<String> {
     messages
         .iter()
@@ -1134,6 +1181,26 @@ impl Ws {
         ws
     }
 
+    /// Connects and authenticates with a per-room `since` (`{"<room>": "<ts>"}`), asserting
+    /// auth code 0.
+    pub(crate) async fn authed_rooms(server: &Server, token: &str, since: &[(u64, &str)]) -> Ws {
+        let mut ws = Ws::connect(server).await;
+        let answer = ws.auth_rooms(token, since).await;
+        assert_auth(&answer, 0);
+        ws
+    }
+
+    /// Sends `auth` with a per-room `since` and returns the answer.
+    pub(crate) async fn auth_rooms(&mut self, token: &str, since: &[(u64, &str)]) -> Value {
+        let since: serde_json::Map<String, Value> = since
+            .iter()
+            .map(|(room, at)| (room.to_string(), Value::from(*at)))
+            .collect();
+        self.send_text(&json!({"type": "auth", "token": token, "since": since}).to_string())
+            .await;
+        self.next_json().await
+    }
+
     /// Sends a text frame.
     pub(crate) async fn send_text(&mut self, text: &str) {
         within(WAIT, "sending a frame", self.inner.send(WsMessage::text(text)))
@@ -1162,6 +1229,14 @@ impl Ws {
 
     /// Waits for the `send` frame for `uuid`, keeping every other frame for later reads.
     pub(crate) async fn answer_to(&mut self, uuid: &str) -> Value {
+        // Answers may come in any order: one may already be among the frames kept earlier.
+        let kept = self
+            .pending
+            .iter()
+            .position(|frame| frame["type"] == "send" && frame["uuid"] == uuid);
+        if let Some(answer) = kept.and_then(|at| self.pending.remove(at)) {
+            return answer;
+        }
         let mut skipped = VecDeque::new();
         let answer = loop {
             let frame = self.read_json().await;

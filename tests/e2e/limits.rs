@@ -502,6 +502,8 @@ async fn failed_logins_lock_the_username_and_the_address() {
         "3",
         "--login-failures-per-ip",
         "5",
+        "--login-failures-per-user-all",
+        "6",
         "--login-lockout",
         "3s",
         "--client-ip-header",
@@ -522,14 +524,17 @@ async fn failed_logins_lock_the_username_and_the_address() {
         let forwarded = forwarded.map(str::to_owned);
         async move { login_from(&http, &base, &username, &password, forwarded.as_deref()).await }
     };
+    // Alice's usual address: she logs in from it.
+    let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.9")).await;
+    assert_eq!(status, 200, "{body}");
 
-    // Three wrong passwords for alice, from two addresses: 401 each.
-    for from in ["10.0.0.1", "10.0.0.2", "10.0.0.1"] {
-        let (status, _, body) = login(&alice, "wrong password", Some(from)).await;
+    // Three wrong passwords for alice from 10.0.0.1: 401 each; then that address is locked out
+    // of alice, even with the right password: 429, no token.
+    for _ in 0..3 {
+        let (status, _, body) = login(&alice, "wrong password", Some("10.0.0.1")).await;
         assert_eq!(status, 401, "{body}");
     }
-    // Now alice is locked from everywhere, even with the right password: 429, no token.
-    let (status, retry, body) = login(&alice, PASSWORD, Some("10.0.0.3")).await;
+    let (status, retry, body) = login(&alice, PASSWORD, Some("10.0.0.1")).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["code"], json!(429));
     assert_eq!(body["user"], Value::Null);
@@ -538,12 +543,25 @@ async fn failed_logins_lock_the_username_and_the_address() {
         retry.is_some_and(|secs| (1..=3).contains(&secs)),
         "Retry-After {retry:?}"
     );
-    // Bob is not: the lock is per username.
+    // The guesser did not lock alice out: from another address she logs in; nor bob from it.
+    let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.3")).await;
+    assert_eq!(status, 200, "{body}");
     let (status, _, body) = login(&bob, PASSWORD, Some("10.0.0.1")).await;
     assert_eq!(status, 200, "{body}");
 
-    // 10.0.0.1 has 2 failures; 3 more (for names that need not exist) lock the address.
-    for name in ["nobody_1", "nobody_2", "x"] {
+    // A guesser with many addresses reaches the per-username backstop (6 failures over all
+    // addresses): alice is locked from unknown addresses, never from those she used.
+    for from in ["10.0.1.1", "10.0.1.2", "10.0.1.3"] {
+        let (status, _, body) = login(&alice, "wrong password", Some(from)).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, _, body) = login(&alice, PASSWORD, Some("10.0.1.4")).await;
+    assert_eq!(status, 429, "the backstop: {body}");
+    let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.9")).await;
+    assert_eq!(status, 200, "alice's usual address: {body}");
+
+    // 10.0.0.1 has 3 failures; 2 more (for names that need not exist) lock the address.
+    for name in ["nobody_1", "x"] {
         let (status, _, body) = login(name, "wrong password", Some("10.0.0.1")).await;
         assert_eq!(status, 401, "{body}");
     }
@@ -561,13 +579,13 @@ async fn failed_logins_lock_the_username_and_the_address() {
     assert_eq!(
         api.metric("chatoy_http_refused_total{reason=\"login_locked\"}")
             .await,
-        Some(3.0)
+        Some(4.0)
     );
 
     // The lock ends --login-lockout after the last failure; refused attempts do not extend it.
     let token = within(WAIT, "alice's lock to end", async {
         loop {
-            let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.4")).await;
+            let (status, _, body) = login(&alice, PASSWORD, Some("10.0.0.1")).await;
             if status == 200 {
                 break body["msg"].as_str().expect("token").to_owned();
             }

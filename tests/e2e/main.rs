@@ -12,6 +12,7 @@ mod malformed;
 // Shared with tests/cluster, which uses the parts this suite does not.
 #[allow(dead_code)]
 mod minicluster;
+mod per_user;
 mod restart;
 mod resume;
 mod security;

@@ -241,8 +241,8 @@ impl Cluster {
                 + 1;
             args[at] = url.clone();
         }
-        args.extend(crate::harness::FAST_ARGON2.map(String::from));
-        args.extend(self.gateway_flags.iter().cloned());
+        let extra: Vec<&str> = self.gateway_flags.iter().map(String::as_str).collect();
+        args.extend(crate::harness::test_flags(&extra));
         Process::new(&name, args, self.dir.path().join(format!("{name}.log")))
     }
 

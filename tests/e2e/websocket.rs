@@ -104,7 +104,7 @@ async fn auth_codes_and_retries() {
         json!({"type": "auth", "token": random_hex(64)}).to_string(),
         r#"{"type":"auth","token":5}"#.to_owned(),
         r#"{"type":"auth"}"#.to_owned(),
-        json!({"type": "auth", "token": user.token, "since": "yesterday"}).to_string(),
+        r#"{"type":"auth","token":null,"since":"yesterday"}"#.to_owned(),
     ];
     for frame in &failures {
         ws.send_text(frame).await;
@@ -119,6 +119,7 @@ async fn auth_codes_and_retries() {
         json!({"type": "auth", "token": random_hex(64)}).to_string(),
         r#"{"type":"auth","token":5}"#.to_owned(),
         r#"{"type":"auth"}"#.to_owned(),
+        json!({"type": "auth", "token": user.token, "since": "yesterday"}).to_string(),
     ];
     for frame in &again {
         ws.send_text(frame).await;

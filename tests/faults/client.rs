@@ -3,9 +3,9 @@
 //! every unanswered message with the same uuid (after code 4 or 5, no answer, or a reconnect),
 //! and de-duplicates by uuid. It records everything it sees for the checker.
 //!
-//! `since` on reconnect is the smallest, over the member's rooms, of the last `sent` seen in
-//! that room: each room has its own sequencer, so the last `sent` seen across all rooms could
-//! be newer than a message of another room still on its way.
+//! `since` on reconnect is per room, as docs/client-guide.md teaches: for each of the member's
+//! rooms, the newest `sent` seen in that room (or the start of the load for a room it has seen
+//! nothing of). Each room has its own sequencer, so no single timestamp is a safe resume point.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{auth_frame, msg_frame, new_uuid, ts};
+use crate::harness::{msg_frame, new_uuid, ts};
 
 /// How long a message may stay unanswered before it is sent again.
 const ANSWER_LIMIT: Duration = Duration::from_secs(3);
@@ -62,8 +62,8 @@ pub(crate) struct Seen {
     /// Messages made but not yet answered code 0.
     pub(crate) unanswered: usize,
     pub(crate) connects: usize,
-    /// Per connection: how many frames had been received before it, and its `since`.
-    pub(crate) connected_at: Vec<(usize, Option<i64>)>,
+    /// Per connection: how many frames had been received before it, and its `since` (JSON).
+    pub(crate) connected_at: Vec<(usize, Option<String>)>,
     pub(crate) resends: usize,
     /// Refusals (`send` codes 4 and 5) and close codes seen, by code.
     pub(crate) codes: HashMap<String, usize>,
@@ -107,13 +107,17 @@ pub(crate) async fn run(spec: MemberSpec, seen: Arc<Mutex<Seen>>, control: Arc<C
         }
         let url = if first { &spec.first_url } else { &spec.url };
         let since = (!first).then(|| {
-            spec.rooms
+            let rooms: serde_json::Map<String, Value> = spec
+                .rooms
                 .iter()
-                .map(|room| last_seen.get(room).copied().unwrap_or(spec.start))
-                .min()
-                .unwrap_or(spec.start)
+                .map(|room| {
+                    let at = last_seen.get(room).copied().unwrap_or(spec.start);
+                    (room.to_string(), Value::from(rfc3339(at)))
+                })
+                .collect();
+            Value::Object(rooms).to_string()
         });
-        let Some(ws) = connect(url, &spec.token, since, &seen).await else {
+        let Some(ws) = connect(url, &spec.token, since.as_deref(), &seen).await else {
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             continue;
@@ -227,7 +231,7 @@ pub(crate) async fn run(spec: MemberSpec, seen: Arc<Mutex<Seen>>, control: Arc<C
 async fn connect(
     url: &str,
     token: &str,
-    since: Option<i64>,
+    since: Option<&str>,
     seen: &Mutex<Seen>,
 ) -> Option<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
     let attempt = async {
@@ -239,8 +243,11 @@ async fn connect(
                 }
                 _ => "connect failed".to_owned(),
             })?;
-        let since = since.map(rfc3339);
-        ws.send(WsMessage::text(auth_frame(token, since.as_deref())))
+        let mut auth = serde_json::json!({"type": "auth", "token": token});
+        if let Some(since) = since {
+            auth["since"] = serde_json::from_str(since).map_err(|_| "since not JSON".to_owned())?;
+        }
+        ws.send(WsMessage::text(auth.to_string()))
             .await
             .map_err(|_| "auth not sent".to_owned())?;
         loop {

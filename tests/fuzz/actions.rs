@@ -72,6 +72,10 @@ pub(crate) enum SinceKind {
     /// The `sent` of a stored message (picked by index), shifted by this many nanoseconds,
     /// written with a +08:00 offset if the flag is set.
     Stored(Index, i64, bool),
+    /// Per room (what clients send): for each of the user's rooms with stored messages, the
+    /// `sent` of one of them (picked by index), shifted; the user's first room left out if the
+    /// flag is set.
+    PerRoom(Index, i64, bool),
 }
 
 /// What kind of `msg`.
@@ -282,6 +286,12 @@ fn since_kind() -> impl Strategy<Value = SinceKind> {
             any::<bool>()
         )
             .prop_map(|(i, shift, offset)| SinceKind::Stored(i, shift, offset)),
+        (
+            any::<Index>(),
+            prop::sample::select(vec![-1i64, 0, 1]),
+            any::<bool>()
+        )
+            .prop_map(|(i, shift, skip)| SinceKind::PerRoom(i, shift, skip)),
     ]
 }
 

@@ -19,13 +19,10 @@ use crate::actions::{
     Action, CloseKind, MsgKind, ResendKind, RoomKind, SinceKind, Template, TextKind, TokenKind, UuidKind,
     Violation, BAD_DATA, BAD_UTF8, BAD_UUIDS, MALFORMED_AUTH, NON_STRING_UUIDS, ROOM_LITERALS,
 };
-use crate::harness::{close_code, close_reason, new_uuid, opcode, Api, RawWs, Server, Ws, WAIT};
+use crate::harness::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
 use crate::json::Tree;
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
-
-/// How long tokens live on the fuzzed server: long enough for a fresh one, short enough that
-/// the expired one is ready soon after start.
-const TOKEN_TTL: Duration = Duration::from_secs(5);
+use sha2::Digest;
 
 /// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every
 /// answer is determined), short-lived tokens, and a ping every second so server pings
@@ -35,6 +32,13 @@ const FLAGS: &[&str] = &[
     "1000000",
     "--msg-burst",
     "1000000",
+    // Sequences reconnect as fast as the machine allows: no connection rate may refuse them.
+    "--conn-rate",
+    "1000000",
+    "--conn-burst",
+    "1000000",
+    "--conn-rate-per-ip",
+    "0",
     "--auth-timeout",
     "10m",
     "--idle-timeout",
@@ -42,7 +46,7 @@ const FLAGS: &[&str] = &[
     "--ping-interval",
     "1s",
     "--token-ttl",
-    "5s",
+    "1h",
 ];
 
 /// What a run tried, for the report at its end.
@@ -179,7 +183,19 @@ impl Live {
         let server = Server::start_with(FLAGS).await;
         let api = server.api();
         let stale = api.new_user("stale").await;
-        let expired_at = tokio::time::Instant::now() + TOKEN_TTL + Duration::from_millis(500);
+        // An expired token: a session of the stale user that ended long ago, written straight
+        // into the server's database (tokens live an hour here, so that no socket's token
+        // expires during a run: that closes the socket, which the model does not predict).
+        let expired = random_hex(64);
+        let hash = sha2::Sha256::digest(expired.as_bytes());
+        server
+            .database()
+            .execute(
+                "INSERT INTO sessions (token_hash, user_id, generated, expires) VALUES (?1, ?2, 1, 2)",
+                rusqlite::params![&hash[..], stale.id as i64],
+            )
+            .expect("insert an expired session");
+        let expired_at = tokio::time::Instant::now();
         let speaker = api.new_user("speaker").await;
         let listener = api.new_user("listener").await;
         let stage = api.create_room(&speaker.token, "stage").await;
@@ -191,7 +207,7 @@ impl Live {
         Live {
             server: tokio::sync::Mutex::new(server),
             api,
-            expired: stale.token,
+            expired,
             expired_at,
             stage,
             bystanders: tokio::sync::Mutex::new(bystanders),
@@ -267,10 +283,24 @@ impl Live {
         self.api.login(&user.name).await.0
     }
 
-    fn since(model: &Model, kind: &SinceKind) -> String {
+    fn since(model: &Model, kind: &SinceKind) -> serde_json::Value {
         match kind {
             SinceKind::Epoch => "1970-01-01T00:00:00Z".into(),
             SinceKind::Future => "2200-01-01T00:00:00.000000001Z".into(),
+            SinceKind::PerRoom(at, shift, skip_first) => {
+                let mut rooms = serde_json::Map::new();
+                for (n, room) in model.rooms.iter().enumerate() {
+                    if *skip_first && n == 0 {
+                        continue;
+                    }
+                    let stored: Vec<_> = model.stored.iter().filter(|m| m.room == *room).collect();
+                    let sent = stored
+                        .get(at.index(stored.len().max(1)))
+                        .map_or(0, |message| message.sent + shift);
+                    rooms.insert(room.to_string(), Timestamp(sent).to_string().into());
+                }
+                rooms.into()
+            }
             SinceKind::Stored(at, shift, offset) => {
                 let Some(message) = model.stored.get(at.index(model.stored.len().max(1))) else {
                     return "1970-01-01T00:00:00Z".into();
@@ -282,6 +312,7 @@ impl Live {
                         .to_rfc3339_opts(SecondsFormat::Nanos, false),
                     _ => Timestamp(message.sent + shift).to_string(),
                 }
+                .into()
             }
         }
     }
@@ -389,7 +420,7 @@ impl Live {
                 let (token, valid) = self.token(user, kind).await;
                 let mut frame = serde_json::json!({"type": "auth", "token": token});
                 if let Some(since) = since {
-                    frame["since"] = Self::since(&user.model, since).into();
+                    frame["since"] = Self::since(&user.model, since);
                 }
                 self.text(user, subject, frame.to_string().as_bytes(), valid)
                     .await
@@ -638,13 +669,22 @@ impl Live {
                 ),
             ) if msg.is_empty() => {
                 self.stats.answer("auth 0".into());
-                for stored in replay {
+                // Each room's replay in `sent` order; the rooms one after another, in any order.
+                let mut left = replay.clone();
+                while !left.is_empty() {
                     let event = Self::next(subject).await?;
                     user.log.push(format!("   <- {}", describe(&event)));
                     let Event::Frame(ServerFrame::Recv { data }, _) = &event else {
-                        return Err(format!("expected the replay of {stored:?}, got {event:?}"));
+                        return Err(format!("expected the replay of one of {left:?}, got {event:?}"));
                     };
-                    if !same_message(data, stored, user.model.user) {
+                    let Some(at) = left.iter().position(|stored| stored.room == data.room) else {
+                        return Err(format!(
+                            "a replay of room {} that was not due: {data:?}",
+                            data.room
+                        ));
+                    };
+                    let stored = left.remove(at);
+                    if !same_message(data, &stored, user.model.user) {
                         return Err(format!("expected the replay of {stored:?}, got {data:?}"));
                     }
                     self.stats.answer("recv (since)".into());

@@ -2,7 +2,7 @@
 //! socket has seen so far, the one answer the server owes to the next frame.
 
 use chatoy_protocol::frame::FrameError;
-use chatoy_protocol::{ClientFrame, MessageContent, Timestamp};
+use chatoy_protocol::{ClientFrame, MessageContent, Since};
 
 /// The largest frame the server reads (`--max-frame-size`, 64 KiB).
 pub(crate) const MAX_FRAME: usize = 64 * 1024;
@@ -114,6 +114,8 @@ impl Model {
         match (self.conn, parsed) {
             (Conn::Closed, _) => unreachable!("frames go to an open socket"),
             (_, Err(FrameError::Unreadable(_))) => Expect::Error,
+            // A bad `since` is not a failed authentication: an error frame, still unauthenticated.
+            (Conn::Fresh(_), Err(FrameError::BadSince(_))) => Expect::Error,
             (Conn::Fresh(_), Ok(ClientFrame::Msg { uuid, .. }) | Err(FrameError::BadMsg { uuid })) => {
                 SendExpect::refused(1, uuid)
             }
@@ -126,7 +128,10 @@ impl Model {
                     self.auth_failed(failures)
                 }
             }
-            (Conn::Authed, Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth)) => Expect::Auth(2),
+            (
+                Conn::Authed,
+                Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth | FrameError::BadSince(_)),
+            ) => Expect::Auth(2),
             (Conn::Authed, Err(FrameError::BadMsg { uuid })) => SendExpect::refused(3, uuid),
             (Conn::Authed, Ok(ClientFrame::Msg { uuid, room, data })) => self.msg(uuid, room, data),
         }
@@ -149,16 +154,18 @@ impl Model {
         }
     }
 
-    /// Stored messages of the user's rooms after `since`, in `sent` order.
-    fn replay(&self, since: Option<Timestamp>) -> Vec<Stored> {
+    /// Stored messages of the user's rooms after `since` (per room), in `sent` order within
+    /// each room; the rooms may come in any order.
+    fn replay(&self, since: Option<Since>) -> Vec<Stored> {
         let Some(since) = since else { return Vec::new() };
         let mut replay: Vec<Stored> = self
             .stored
             .iter()
-            .filter(|m| m.sent > since.0 && self.rooms.contains(&m.room))
+            .filter(|m| self.rooms.contains(&m.room))
+            .filter(|m| since.for_room(m.room).is_some_and(|at| m.sent > at.0))
             .cloned()
             .collect();
-        replay.sort_by_key(|m| (m.sent, m.room));
+        replay.sort_by_key(|m| (m.room, m.sent));
         replay
     }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, Origin};
 use chatoy_protocol::frame::FrameError;
-use chatoy_protocol::{validate, AuthCode, ClientFrame, MessageContent, SendCode, ServerFrame, Timestamp};
+use chatoy_protocol::{
+    validate, AuthCode, ClientFrame, MessageContent, SendCode, ServerFrame, Since, Timestamp,
+};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -26,10 +28,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::mailbox::{Outbound, Pushed};
-use super::registry::{Peer, Ready};
+use super::registry::{Added, Peer};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
 use crate::Shared;
+use chatoy_store::Session;
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -182,8 +185,8 @@ async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Optio
             Ok(ClientFrame::Auth { token, since }) => {
                 shared.metrics.in_auth.inc();
                 match shared.accounts.authenticate(&shared.store, &token).await {
-                    Ok(Some((user, token_hash))) => {
-                        return admit(shared, ws, conn, user, token_hash, since).await;
+                    Ok(Some((session, token_hash))) => {
+                        return admit(shared, ws, conn, session, token_hash, since).await;
                     }
                     Ok(None) => None,
                     Err(err) => {
@@ -196,6 +199,12 @@ async fn authenticate(shared: &Arc<Shared>, ws: &mut Socket, conn: u64) -> Optio
             Err(FrameError::BadAuth) => {
                 shared.metrics.in_auth.inc();
                 None
+            }
+            // Not a failed authentication: the client may send a corrected `auth`.
+            Err(FrameError::BadSince(why)) => {
+                shared.metrics.in_auth.inc();
+                shared.metrics.out_error.inc();
+                Some(error_frame(why))
             }
             Ok(ClientFrame::Msg { uuid, .. }) | Err(FrameError::BadMsg { uuid }) => {
                 shared.metrics.in_msg.inc();
@@ -236,13 +245,22 @@ async fn admit(
     shared: &Arc<Shared>,
     ws: &mut Socket,
     conn: u64,
-    user: u64,
+    session: Session,
     token_hash: [u8; 32],
-    since: Option<Timestamp>,
+    since: Option<Since>,
 ) -> Option<(Arc<Peer>, Live)> {
     let timeout = shared.config.write_timeout;
-    let peer = Arc::new(Peer::new(conn, user, token_hash));
-    let registered = register(shared, &peer).await;
+    let user = session.user_id;
+    let peer = Arc::new(Peer::new(conn, user, token_hash, session.expires));
+    let member = match shared.registry.add(&peer, shared.config.max_sockets_per_user) {
+        Added::TooMany => {
+            shared.metrics.refused_sockets_per_user.inc();
+            let _ = write_raw(ws, &wire::close(CloseReason::TOO_MANY_SOCKETS), timeout).await;
+            return None;
+        }
+        added => added,
+    };
+    let registered = register(shared, &peer, member).await;
     let rooms = match registered {
         Ok(rooms) => rooms,
         Err(err) => {
@@ -263,7 +281,7 @@ async fn admit(
     let Some(since) = since else {
         return Some((peer, Live::new(&shared.config, None)));
     };
-    match replay(shared, ws, &rooms, since).await {
+    match replay(shared, ws, &rooms, &since).await {
         Ok(seam) => Some((peer, Live::new(&shared.config, Some(seam)))),
         Err(()) => {
             shared.registry.remove(&peer);
@@ -273,23 +291,27 @@ async fn admit(
     }
 }
 
-/// Subscribes the socket to its user and rooms and waits until every subscription is active.
-async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, String> {
-    shared.registry.add_user(peer);
-    // A shutdown that began before `add_user` did not find this socket in `close_all`.
+/// Subscribes the socket's user to its rooms (the user's first socket here reads them; the
+/// others find them) and waits until every room's subscription is active; returns the rooms.
+async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>, added: Added) -> Result<Vec<u64>, String> {
+    // A shutdown that began before `add` did not find this socket in `close_all`.
     if shared.shutdown.is_cancelled() {
         peer.mailbox.close(CloseReason::GOING_AWAY);
     }
-    let rooms = shared
-        .store
-        .user_rooms(peer.user)
-        .await
-        .map_err(|err| err.to_string())?;
-    let ids: Vec<u64> = rooms.iter().map(|room| room.id).collect();
-    let waits: Vec<Ready> = ids
-        .iter()
-        .filter_map(|&room| shared.registry.join(peer, room))
-        .collect();
+    let (member, waits) = match added {
+        Added::First(member) => {
+            let waits = shared.registry.load(&member).await?;
+            (member, waits)
+        }
+        Added::Another(member) => {
+            let waits =
+                tokio::time::timeout(shared.config.send_timeout, shared.registry.wait_loaded(&member))
+                    .await
+                    .map_err(|_| "the user's rooms were not read in time".to_owned())??;
+            (member, waits)
+        }
+        Added::TooMany => return Err("too many sockets".into()),
+    };
     let all_ready = async {
         for mut ready in waits {
             ready
@@ -302,43 +324,61 @@ async fn register(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Vec<u64>, St
     tokio::time::timeout(shared.config.send_timeout, all_ready)
         .await
         .map_err(|_| "subscriptions not ready in time".to_owned())??;
-    Ok(ids)
+    Ok(member.rooms())
 }
 
-/// Sends every stored message of the rooms newer than `since`, oldest first.
+/// Messages read from the store per page of a `since` replay: what a socket holds at most
+/// while it replays, besides its outbound queue.
+const REPLAY_PAGE: usize = 64;
+
+/// Sends, room after room, the newest `--since-limit` stored messages newer than where `since`
+/// says the client left off in that room, oldest first, a page at a time. Returns, per room that
+/// got any, the `sent` of the last one sent: the seam for live frames queued meanwhile.
 async fn replay(
     shared: &Arc<Shared>,
     ws: &mut Socket,
     rooms: &[u64],
-    since: Timestamp,
+    since: &Since,
 ) -> Result<HashMap<u64, i64>, ()> {
-    let mut messages = Vec::new();
+    let store = &shared.store;
+    let limit = shared.config.since_limit;
     let mut seam = HashMap::new();
+    let mut total = 0u64;
+    let mut out = Vec::new();
     for &room in rooms {
-        let found = shared
-            .store
-            .since(room, since, shared.config.since_limit)
-            .await
-            .map_err(|err| tracing::warn!(cause = %err, room, "since replay failed"))?;
-        if let Some(last) = found.last() {
-            seam.insert(room, last.sent.0);
+        let Some(after) = since.for_room(room) else {
+            continue;
+        };
+        let failed =
+            |err: chatoy_store::StoreError| tracing::warn!(cause = %err, room, "since replay failed");
+        let mut cursor = store.replay_start(room, after, limit).await.map_err(failed)?;
+        let mut left = limit;
+        while left > 0 {
+            let want = REPLAY_PAGE.min(left);
+            let page = store.page_after(room, cursor, want).await.map_err(failed)?;
+            let got = page.len();
+            for message in page {
+                cursor = message.sent;
+                out.extend_from_slice(&wire::text(&ServerFrame::Recv { data: message }.to_json()));
+                if out.len() >= 64 * 1024 {
+                    write_raw(ws, &out, shared.config.write_timeout).await?;
+                    out.clear();
+                }
+            }
+            total += got as u64;
+            left -= got;
+            if got < want {
+                break;
+            }
         }
-        messages.extend(found);
-    }
-    messages.sort_by_key(|message| (message.sent, message.room));
-    let mut batch = Vec::new();
-    let total = messages.len();
-    for message in messages {
-        batch.extend_from_slice(&wire::text(&ServerFrame::Recv { data: message }.to_json()));
-        if batch.len() >= 64 * 1024 {
-            write_raw(ws, &batch, shared.config.write_timeout).await?;
-            batch.clear();
+        if cursor > after {
+            seam.insert(room, cursor.0);
         }
     }
-    if !batch.is_empty() {
-        write_raw(ws, &batch, shared.config.write_timeout).await?;
+    if !out.is_empty() {
+        write_raw(ws, &out, shared.config.write_timeout).await?;
     }
-    shared.metrics.out_recv.inc_by(total as u64);
+    shared.metrics.out_recv.inc_by(total);
     Ok(seam)
 }
 
@@ -542,7 +582,7 @@ fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
 async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, text: &[u8]) {
     let metrics = &shared.metrics;
     match ClientFrame::parse(text) {
-        Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth) => {
+        Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth | FrameError::BadSince(_)) => {
             metrics.in_auth.inc();
             metrics.out_auth.inc();
             queue(

@@ -2,6 +2,7 @@
 //! frames and writes everything queued in the socket's mailbox.
 
 mod conn;
+mod feed;
 pub(crate) mod mailbox;
 pub(crate) mod registry;
 pub(crate) mod wire;

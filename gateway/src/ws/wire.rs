@@ -43,6 +43,14 @@ impl CloseReason {
         code: 1008,
         reason: "token revoked",
     };
+    pub(crate) const EXPIRED: CloseReason = CloseReason {
+        code: 1008,
+        reason: "token expired",
+    };
+    pub(crate) const TOO_MANY_SOCKETS: CloseReason = CloseReason {
+        code: 1008,
+        reason: "too many connections for this user",
+    };
     pub(crate) const SLOW_CONSUMER: CloseReason = CloseReason {
         code: 1008,
         reason: "slow consumer",

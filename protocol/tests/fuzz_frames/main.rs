@@ -112,7 +112,7 @@ fn check_frame(inputs: &Inputs, bytes: &[u8]) -> Result<(), TestCaseError> {
     let got = ClientFrame::parse(bytes);
     let class = match &got {
         Ok(_) => &inputs.accepted,
-        Err(FrameError::BadAuth | FrameError::BadMsg { .. }) => &inputs.malformed,
+        Err(FrameError::BadAuth | FrameError::BadSince(_) | FrameError::BadMsg { .. }) => &inputs.malformed,
         Err(FrameError::Unreadable(_)) => &inputs.unreadable,
     };
     class.fetch_add(1, Ordering::Relaxed);
@@ -553,6 +553,14 @@ fn timestamp() -> impl Strategy<Value = Timestamp> {
     ]
 }
 
+fn since() -> impl Strategy<Value = chatoy_protocol::Since> {
+    prop_oneof![
+        timestamp().prop_map(chatoy_protocol::Since::All),
+        prop::collection::btree_map(1u64..=chatoy_protocol::MAX_ID, timestamp(), 0..5)
+            .prop_map(chatoy_protocol::Since::Rooms),
+    ]
+}
+
 /// Strings that are uuids, almost uuids, or anything.
 fn uuid_like() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -586,7 +594,7 @@ fn content() -> impl Strategy<Value = MessageContent> {
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
-        (any::<String>(), prop::option::of(timestamp()))
+        (any::<String>(), prop::option::of(since()))
             .prop_map(|(token, since)| ClientFrame::Auth { token, since }),
         (uuid_like(), any::<u64>(), content()).prop_map(|(uuid, room, data)| ClientFrame::Msg {
             uuid,
@@ -760,6 +768,7 @@ fn corpus_frames_parse_as_named() {
             "auth" => matches!(got, Ok(ClientFrame::Auth { .. })),
             "msg" => matches!(got, Ok(ClientFrame::Msg { .. })),
             "bad-auth" => got == Err(FrameError::BadAuth),
+            "bad-since" => matches!(got, Err(FrameError::BadSince(_))),
             "bad-msg" => matches!(got, Err(FrameError::BadMsg { .. })),
             "unreadable" => matches!(got, Err(FrameError::Unreadable(_))),
             "server" => {
@@ -775,20 +784,23 @@ fn corpus_frames_parse_as_named() {
             panic!("{}: {err}", frame.name);
         }
     }
-    let want: std::collections::BTreeSet<String> =
-        ["auth", "bad-auth", "bad-msg", "msg", "server", "unreadable"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let want: std::collections::BTreeSet<String> = [
+        "auth",
+        "bad-auth",
+        "bad-msg",
+        "bad-since",
+        "msg",
+        "server",
+        "unreadable",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(classes, want, "the corpus covers every class");
     // The oracle is not vacuous: it tells the classes apart on the corpus.
     let distinct: std::collections::BTreeSet<String> = corpus
         .iter()
         .map(|frame| format!("{:?}", std::mem::discriminant(&oracle::classify(&frame.bytes))))
         .collect();
-    assert_eq!(
-        distinct.len(),
-        4,
-        "the oracle finds all four classes in the corpus"
-    );
+    assert_eq!(distinct.len(), 5, "the oracle finds every class in the corpus");
 }

@@ -5,8 +5,10 @@
 //! by the corpus: a JSON array is never a frame, and content is an object whose `type` is the
 //! string "Text" (not a variant index, not the sequence form).
 
+use std::collections::BTreeMap;
+
 use chatoy_protocol::frame::FrameError;
-use chatoy_protocol::{ClientFrame, MessageContent, Timestamp};
+use chatoy_protocol::{ClientFrame, MessageContent, Since, Timestamp, MAX_ID};
 
 use crate::json::Tree;
 
@@ -17,6 +19,9 @@ pub(crate) enum Class {
     Frame(ClientFrame),
     /// `auth` with missing, repeated or mistyped fields: an `auth` answer with code 1 (or 2).
     BadAuth,
+    /// `auth` with one `type`, one string `token` and one `since` that is not a valid `since`:
+    /// an `error` frame that is not an authentication failure.
+    BadSince,
     /// `msg` with missing, repeated or mistyped fields: `send` code 3 echoing this uuid.
     BadMsg(String),
     /// Not JSON, not an object, no or an unknown `type`: an `error` frame.
@@ -29,6 +34,7 @@ impl Class {
         match (self, got) {
             (Class::Frame(want), Ok(frame)) => want == frame,
             (Class::BadAuth, Err(FrameError::BadAuth)) => true,
+            (Class::BadSince, Err(FrameError::BadSince(why))) => !why.is_empty(),
             (Class::BadMsg(want), Err(FrameError::BadMsg { uuid })) => want == uuid,
             (Class::Unreadable, Err(FrameError::Unreadable(why))) => !why.is_empty(),
             _ => false,
@@ -46,7 +52,16 @@ pub(crate) fn classify(bytes: &[u8]) -> Class {
         _ => return Class::Unreadable,
     }
     match tree.last("type").and_then(Tree::as_str) {
-        Some("auth") => auth(&tree).map_or(Class::BadAuth, Class::Frame),
+        Some("auth") => auth(&tree).unwrap_or_else(|| {
+            let well_formed = tree.count("type") == 1
+                && tree.unique("token").and_then(Tree::as_str).is_some()
+                && tree.count("since") == 1;
+            if well_formed {
+                Class::BadSince
+            } else {
+                Class::BadAuth
+            }
+        }),
         Some("msg") => msg(&tree).map_or_else(
             || {
                 Class::BadMsg(
@@ -62,19 +77,39 @@ pub(crate) fn classify(bytes: &[u8]) -> Class {
     }
 }
 
-/// A well-formed `auth`: one `type`, one string `token`, at most one `since` that is null or
-/// an RFC 3339 time in the representable range; other fields are ignored.
-fn auth(tree: &Tree) -> Option<ClientFrame> {
+/// A well-formed `auth`: one `type`, one string `token`, at most one `since` that is null, an
+/// RFC 3339 time, or an object of at most 1000 rooms (keys: canonical decimal ids in
+/// 1..=2^53-1; values: RFC 3339 times; a repeated key keeps its last value); other fields are
+/// ignored. `Some(Class::Frame)` for a frame, `None` for anything malformed.
+fn auth(tree: &Tree) -> Option<Class> {
     if tree.count("type") != 1 {
         return None;
     }
     let token = tree.unique("token")?.as_str()?.to_owned();
     let since = match (tree.count("since"), tree.last("since")) {
         (0, _) | (1, Some(Tree::Null)) => None,
-        (1, Some(Tree::Str(text))) => Some(timestamp(text)?),
+        (1, Some(Tree::Str(text))) => Some(Since::All(timestamp(text)?)),
+        (1, Some(Tree::Obj(pairs))) => {
+            let mut rooms = BTreeMap::new();
+            for (key, value) in pairs {
+                let room = key
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|room| (1..=MAX_ID).contains(room) && room.to_string() == *key)?;
+                let at = match value {
+                    Tree::Str(text) => timestamp(text)?,
+                    _ => return None,
+                };
+                rooms.insert(room, at);
+                if rooms.len() > 1000 {
+                    return None;
+                }
+            }
+            Some(Since::Rooms(rooms))
+        }
         _ => return None,
     };
-    Some(ClientFrame::Auth { token, since })
+    Some(Class::Frame(ClientFrame::Auth { token, since }))
 }
 
 /// A well-formed `msg`: one `type`, one string `uuid`, one `room` that is a JSON integer in
@@ -111,12 +146,14 @@ fn content_tag(tag: &Tree) -> bool {
     }
 }
 
-/// An RFC 3339 time (any offset, surrounding whitespace allowed) as nanoseconds, if in range.
+/// An RFC 3339 time (any offset, surrounding whitespace allowed) as nanoseconds, clamped to
+/// what an `i64` holds.
 fn timestamp(text: &str) -> Option<Timestamp> {
-    chrono::DateTime::parse_from_rfc3339(text.trim())
-        .ok()?
-        .timestamp_nanos_opt()
-        .map(Timestamp)
+    let at = chrono::DateTime::parse_from_rfc3339(text.trim()).ok()?;
+    Some(Timestamp(
+        at.timestamp_nanos_opt()
+            .unwrap_or(if at.timestamp() > 0 { i64::MAX } else { i64::MIN }),
+    ))
 }
 
 /// Whether `text` is a 36-character hyphenated UUID (hex digits in any case).

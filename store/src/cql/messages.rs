@@ -57,7 +57,7 @@ fn cql_limit(limit: usize) -> i32 {
 struct BucketWalk<'a> {
     store: &'a CqlStore,
     statement: &'a PreparedStatement,
-    values: (i64, i64),
+    values: Vec<i64>,
     buffered: VecDeque<i64>,
     state: Option<PagingState>,
 }
@@ -65,10 +65,23 @@ struct BucketWalk<'a> {
 impl<'a> BucketWalk<'a> {
     /// The room's buckets `<= bucket`.
     fn at_most(store: &'a CqlStore, room: u64, bucket: i64) -> Self {
-        Self::new(store, &store.statements.buckets_at_most, (room as i64, bucket))
+        Self::new(
+            store,
+            &store.statements.buckets_at_most,
+            vec![room as i64, bucket],
+        )
     }
 
-    fn new(store: &'a CqlStore, statement: &'a PreparedStatement, values: (i64, i64)) -> Self {
+    /// The room's buckets in `first..=last`, oldest first.
+    fn between(store: &'a CqlStore, room: u64, first: i64, last: i64) -> Self {
+        Self::new(
+            store,
+            &store.statements.buckets_between,
+            vec![room as i64, first, last],
+        )
+    }
+
+    fn new(store: &'a CqlStore, statement: &'a PreparedStatement, values: Vec<i64>) -> Self {
         BucketWalk {
             store,
             statement,
@@ -78,7 +91,7 @@ impl<'a> BucketWalk<'a> {
         }
     }
 
-    /// The next older bucket, or `None` once the room's first bucket was passed. Empty pages
+    /// The next bucket (older, or newer for [`BucketWalk::between`]), or `None` at the end. Empty pages
     /// are skipped: only the paging state ends the walk.
     async fn next(&mut self) -> CqlResult<Option<i64>> {
         loop {
@@ -91,7 +104,7 @@ impl<'a> BucketWalk<'a> {
             let (result, next) = self
                 .store
                 .session
-                .execute_single_page(self.statement, self.values, state)
+                .execute_single_page(self.statement, &self.values, state)
                 .await?;
             let mut page: Vec<(i64,)> = Vec::new();
             collect_rows(result, &mut page)?;
@@ -289,5 +302,63 @@ impl CqlStore {
             }
         }
         Ok(None)
+    }
+
+    /// See [`crate::Store::replay_start`]: walks the room's buckets newest first reading only
+    /// `sent`, up to `limit + 1` of them.
+    pub(super) async fn replay_start_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<i64> {
+        let head = self.head(room).await?.unwrap_or(i64::MAX);
+        if head <= after {
+            return Ok(after);
+        }
+        let mut buckets = BucketWalk::at_most(self, room, self.bucket(head));
+        let floor = self.bucket(after);
+        let mut seen = 0usize;
+        while let Some(bucket) = buckets.next().await? {
+            if bucket < floor {
+                break;
+            }
+            let want = cql_limit(limit + 1 - seen);
+            let sents: Vec<(i64,)> = read_all(
+                &self.session,
+                &self.statements.sents_between,
+                (room as i64, bucket, after, head, want),
+            )
+            .await?;
+            for (sent,) in sents {
+                seen += 1;
+                if seen > limit {
+                    return Ok(sent);
+                }
+            }
+        }
+        Ok(after)
+    }
+
+    /// See [`crate::Store::page_after`]: walks the room's buckets oldest first from `after`'s,
+    /// up to the head.
+    pub(super) async fn page_after_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<Vec<Message>> {
+        let head = self.head(room).await?.unwrap_or(i64::MAX);
+        let mut messages = Vec::new();
+        if limit == 0 || head <= after {
+            return Ok(messages);
+        }
+        let mut buckets = BucketWalk::between(self, room, self.bucket(after), self.bucket(head));
+        while messages.len() < limit {
+            let Some(bucket) = buckets.next().await? else {
+                break;
+            };
+            let want = cql_limit(limit - messages.len());
+            let rows: Vec<MessageRow> = read_all(
+                &self.session,
+                &self.statements.messages_after_ascending,
+                (room as i64, bucket, after, head, want),
+            )
+            .await?;
+            for row in rows {
+                messages.push(message_from_row(room, row)?);
+            }
+        }
+        Ok(messages)
     }
 }

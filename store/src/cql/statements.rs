@@ -35,6 +35,7 @@ pub(crate) struct Statements {
     pub(crate) member_read: PreparedStatement,
     pub(crate) user_room_insert: PreparedStatement,
     pub(crate) user_rooms_read: PreparedStatement,
+    pub(crate) user_room_count: PreparedStatement,
 
     pub(crate) message_insert: PreparedStatement,
     pub(crate) messages_between: PreparedStatement,
@@ -54,6 +55,9 @@ pub(crate) struct Statements {
     pub(crate) newest_sent: PreparedStatement,
     pub(crate) bucket_insert: PreparedStatement,
     pub(crate) buckets_at_most: PreparedStatement,
+    pub(crate) buckets_between: PreparedStatement,
+    pub(crate) sents_between: PreparedStatement,
+    pub(crate) messages_after_ascending: PreparedStatement,
 
     pub(crate) id_block_create: PreparedStatement,
     pub(crate) id_block_take: PreparedStatement,
@@ -99,6 +103,15 @@ impl Statements {
         )
         .await?;
         buckets_at_most.set_page_size(BUCKET_PAGE_SIZE);
+        let mut buckets_between = prepare(
+            s(
+                "SELECT bucket FROM message_buckets WHERE room_id = ? AND bucket >= ? AND bucket <= ?
+               ORDER BY bucket ASC",
+            ),
+            Kind::Read,
+        )
+        .await?;
+        buckets_between.set_page_size(BUCKET_PAGE_SIZE);
         Ok(Statements {
             ping: prepare(
                 s("SELECT release_version FROM system.local WHERE key = 'local'"),
@@ -180,6 +193,11 @@ impl Statements {
             )
             .await?,
 
+            user_room_count: prepare(
+                s("SELECT count(*) FROM user_rooms WHERE user_id = ?"),
+                Kind::Read,
+            )
+            .await?,
             message_insert: prepare(
                 s(
                     "INSERT INTO messages (room_id, bucket, sent, uuid, sender, content, modified)
@@ -269,6 +287,20 @@ impl Statements {
             )
             .await?,
             buckets_at_most,
+            buckets_between,
+            sents_between: prepare(
+                s("SELECT sent FROM messages WHERE room_id = ? AND bucket = ? AND sent > ? AND sent <= ? LIMIT ?"),
+                Kind::Read,
+            )
+            .await?,
+            messages_after_ascending: prepare(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE room_id = ? AND bucket = ? AND sent > ? AND sent <= ? ORDER BY sent ASC LIMIT ?"
+                ),
+                Kind::Read,
+            )
+            .await?,
 
             id_block_create: prepare(
                 s("INSERT INTO id_blocks (name, next) VALUES (?, ?) IF NOT EXISTS"),
