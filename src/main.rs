@@ -4,7 +4,6 @@
 
 mod client;
 mod config;
-mod health;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chatoy_bus::{InProcBus, NatsBus};
+use chatoy_gateway::health::{serve_probes, Health};
+use chatoy_protocol::backoff::Backoff;
 use chatoy_store::{CqlStore, SqliteConfig, SqliteStore};
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -225,6 +226,7 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
     let registry = prometheus::Registry::new();
+    let layout = tokio::spawn(check_layout(bus.clone(), shutdown.clone()));
     chatoy_gateway::run(
         args.common.gateway_config(),
         store,
@@ -235,8 +237,35 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
     )
     .await
     .map_err(anyhow::Error::msg)?;
+    if layout.is_finished() {
+        layout.await.context("the layout check failed")??;
+    } else {
+        layout.abort();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Checks, as soon as the bus answers, that it is laid out for this gateway's number of
+/// partitions (a gateway that disagreed with the routers would send messages to partitions no
+/// router takes); on a mismatch, stops the gateway with the reason.
+async fn check_layout(bus: chatoy_bus::DynBus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match bus.check_layout().await {
+            Ok(()) => return Ok(()),
+            Err(err @ chatoy_bus::BusError::Misconfigured(_)) => {
+                tracing::error!(cause = %err, "stopping");
+                shutdown.cancel();
+                return Err(err.into());
+            }
+            Err(err) => tracing::debug!(cause = %err, "cannot check the bus's layout yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry.next_delay()) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
 }
 
 async fn router(args: RouterArgs) -> anyhow::Result<()> {
@@ -248,13 +277,8 @@ async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let metrics = chatoy_router::Metrics::new(&registry).context("cannot register the router's metrics")?;
     tracing::info!(%local, node = %name, "chatoy router ready");
     println!("chatoy router health on http://{local}");
-    let probes = tokio::spawn(health::serve(
-        listener,
-        bus.clone(),
-        store.clone(),
-        registry,
-        shutdown.clone(),
-    ));
+    let health = Health::start(bus.clone(), store.clone(), shutdown.clone()).await;
+    let probes = tokio::spawn(serve_probes(listener, health, registry, shutdown.clone()));
     let config = args.tuning.config(name, args.drain_timeout);
     let result = chatoy_router::run(config, bus, store, metrics, shutdown).await;
     probes.abort();

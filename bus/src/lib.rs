@@ -38,6 +38,9 @@ pub enum BusError {
     /// The bus is closed or disconnected.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The processes sharing the bus disagree on its layout: retrying cannot help.
+    #[error("bus misconfigured: {0}")]
+    Misconfigured(String),
 }
 
 /// Gateways and routers meet only here.
@@ -59,6 +62,11 @@ pub trait Bus: Send + Sync + 'static {
     /// events are rare (joins, logouts), so each gateway takes them all and keeps those of its
     /// own users, instead of holding a subscription per user.
     async fn subscribe_users(&self) -> Result<Subscription<(u64, UserEvent)>, BusError>;
+    /// Checks that the bus was laid out for this process's configuration (every gateway and
+    /// router must use the same number of partitions): `Misconfigured` if not.
+    async fn check_layout(&self) -> Result<(), BusError> {
+        Ok(())
+    }
     /// Answers if the bus is usable (readiness).
     fn is_ready(&self) -> bool;
     /// Times the connection to the bus was re-established after a loss (a metric).

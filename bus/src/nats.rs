@@ -23,6 +23,7 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::{Client, Event, HeaderMap};
 use async_trait::async_trait;
 use bytes::Bytes;
+use chatoy_protocol::backoff::Backoff;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -30,6 +31,8 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::{Bus, BusError, Delivery, PendingReply, Responder, Subscription, Work, WorkSource};
 
+/// The work stream's metadata key holding the number of partitions it was laid out for.
+const PARTITIONS_KEY: &str = "chatoy_partitions";
 const REPLY_HEADER: &str = "Chatoy-Reply";
 const PRIORITY_GROUP: &str = "routers";
 
@@ -119,6 +122,46 @@ impl NatsBus {
             gaps,
             reply_task,
         })
+    }
+
+    /// The work stream, created if missing, once it is known to be laid out for this process's
+    /// number of partitions (recorded in the stream's metadata by whoever created it).
+    async fn work_stream(&self) -> Result<async_nats::jetstream::stream::Stream, BusError> {
+        let prefix = &self.config.prefix;
+        let partitions = self.config.partitions.max(1).to_string();
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: self.stream_name(),
+                subjects: vec![format!("{prefix}.msg.>")],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                num_replicas: self.config.replicas.max(1),
+                max_age: Duration::from_secs(24 * 3600),
+                metadata: HashMap::from([(PARTITIONS_KEY.to_owned(), partitions.clone())]),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let info = stream.info().await.map_err(unavailable)?.clone();
+        match info.config.metadata.get(PARTITIONS_KEY) {
+            Some(theirs) if *theirs == partitions => {}
+            Some(theirs) => {
+                return Err(BusError::Misconfigured(format!(
+                    "this process uses {partitions} partitions (--partitions), but the work \
+                     stream {} was laid out for {theirs}: every gateway and router must use the \
+                     same number (docs/operations.md, \"Changing the number of partitions\")",
+                    info.config.name
+                )))
+            }
+            None => {
+                // Made by a version that did not record it: record this process's.
+                let mut config = info.config;
+                config.metadata.insert(PARTITIONS_KEY.to_owned(), partitions);
+                self.jetstream.update_stream(config).await.map_err(unavailable)?;
+            }
+        }
+        Ok(stream)
     }
 
     fn stream_name(&self) -> String {
@@ -250,19 +293,7 @@ impl Bus for NatsBus {
 
     async fn work(&self) -> Result<Vec<Box<dyn WorkSource>>, BusError> {
         let prefix = &self.config.prefix;
-        let stream = self
-            .jetstream
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: self.stream_name(),
-                subjects: vec![format!("{prefix}.msg.>")],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                num_replicas: self.config.replicas.max(1),
-                max_age: Duration::from_secs(24 * 3600),
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
+        let stream = self.work_stream().await?;
         let mut sources: Vec<Box<dyn WorkSource>> = Vec::new();
         for partition in 0..self.config.partitions.max(1) {
             let name = format!("{}-part-{partition}", prefix.replace('.', "-"));
@@ -292,6 +323,10 @@ impl Bus for NatsBus {
             }));
         }
         Ok(sources)
+    }
+
+    async fn check_layout(&self) -> Result<(), BusError> {
+        self.work_stream().await.map(drop)
     }
 
     async fn publish_room(&self, event: RoomEvent) -> Result<(), BusError> {
@@ -394,6 +429,7 @@ impl NatsWork {
         let consumer = self.consumer.clone();
         let (expires, partition) = (self.expires, self.partition);
         let task = tokio::spawn(async move {
+            let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
             loop {
                 let opened = consumer
                     .stream()
@@ -407,10 +443,11 @@ impl NatsWork {
                     Ok(messages) => messages,
                     Err(err) => {
                         tracing::warn!(cause = %err, partition, "cannot pull; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(retry.next_delay()).await;
                         continue;
                     }
                 };
+                retry.reset();
                 while let Some(next) = messages.next().await {
                     match next {
                         Ok(message) => {

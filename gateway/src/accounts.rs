@@ -3,7 +3,6 @@
 //! into a user, and the throttle that locks out failed logins by (username, address), by
 //! address, and by username from addresses the user has not logged in from.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -14,6 +13,8 @@ use chatoy_protocol::Timestamp;
 use chatoy_store::{DynStore, Session, StoreResult};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+
+use crate::limit::Tracked;
 
 /// Hashing parameters and token lifetime.
 pub(crate) struct Accounts {
@@ -155,7 +156,7 @@ pub(crate) struct LoginThrottle {
     addrs: Mutex<Failures<IpAddr>>,
     users: Mutex<Failures<String>>,
     /// Per username, the addresses of its recent successful logins.
-    known: Mutex<HashMap<String, Vec<(IpAddr, Instant)>>>,
+    known: Mutex<Tracked<String, Vec<(IpAddr, Instant)>>>,
 }
 
 /// How long an address a user logged in from stays exempt from the per-username backstop.
@@ -163,59 +164,39 @@ pub(crate) const KNOWN_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most addresses remembered per username.
 const KNOWN_PER_USER: usize = 16;
 
-/// One map of failure counts.
-struct Failures<K> {
-    entries: HashMap<K, (u32, Instant)>,
-    /// When entries older than the lockout were last dropped.
-    pruned: Instant,
-}
+/// One map of failure counts: per key, the failures and when the last one was.
+struct Failures<K>(Tracked<K, (u32, Instant)>);
 
 impl<K: Hash + Eq> Failures<K> {
     fn new() -> Failures<K> {
-        Failures {
-            entries: HashMap::new(),
-            pruned: Instant::now(),
-        }
+        Failures(Tracked::new(MAX_TRACKED))
     }
 
     /// How long `key` stays locked, if it is.
     fn locked(&self, key: &K, limit: u32, lockout: Duration, now: Instant) -> Option<Duration> {
-        let &(count, last) = self.entries.get(key)?;
+        let &(count, last) = self.0.get(key)?;
         let since = now.saturating_duration_since(last);
         (limit > 0 && count >= limit && since < lockout).then(|| lockout - since)
     }
 
     fn fail(&mut self, key: K, lockout: Duration, now: Instant) {
-        // When the map is full, prune at most once a second, not on every failure.
-        let every = if self.entries.len() >= MAX_TRACKED {
-            Duration::from_secs(1)
-        } else {
-            lockout.min(Duration::from_secs(60))
-        };
-        if now.saturating_duration_since(self.pruned) >= every {
-            self.entries
-                .retain(|_, (_, last)| now.saturating_duration_since(*last) < lockout);
-            self.pruned = now;
-        }
-        let full = self.entries.len() >= MAX_TRACKED;
-        match self.entries.get_mut(&key) {
-            Some((count, last)) => {
-                if now.saturating_duration_since(*last) >= lockout {
-                    *count = 0;
-                }
-                *count = count.saturating_add(1);
-                *last = now;
+        // Failures older than the lockout no longer count: such an entry is at rest.
+        self.0
+            .prune(now, lockout.min(Duration::from_secs(60)), |(_, last)| {
+                now.saturating_duration_since(*last) >= lockout
+            });
+        if let Some((count, last)) = self.0.entry(key, || (0, now)) {
+            if now.saturating_duration_since(*last) >= lockout {
+                *count = 0;
             }
-            None if !full => {
-                self.entries.insert(key, (1, now));
-            }
-            None => {}
+            *count = count.saturating_add(1);
+            *last = now;
         }
     }
 
     /// Takes one failure back (an attempt that turned out not to be one).
     fn take_back(&mut self, key: &K) {
-        if let Some((count, _)) = self.entries.get_mut(key) {
+        if let Some((count, _)) = self.0.get_mut(key) {
             *count = count.saturating_sub(1);
         }
     }
@@ -233,7 +214,7 @@ impl LoginThrottle {
             pairs: Mutex::new(Failures::new()),
             addrs: Mutex::new(Failures::new()),
             users: Mutex::new(Failures::new()),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(Tracked::new(MAX_TRACKED)),
         }
     }
 
@@ -296,20 +277,17 @@ impl LoginThrottle {
     pub(crate) fn succeeded(&self, username: &str, addr: IpAddr) {
         self.addrs.lock().take_back(&addr);
         let Some(name) = user_key(username) else { return };
-        self.pairs.lock().entries.remove(&(name.clone(), addr));
+        self.pairs.lock().0.remove(&(name.clone(), addr));
         self.users.lock().take_back(&name);
         let now = Instant::now();
         let mut known = self.known.lock();
-        if known.len() >= MAX_TRACKED && !known.contains_key(&name) {
-            known.retain(|_, addrs| {
-                addrs.retain(|(_, at)| now.saturating_duration_since(*at) < KNOWN_FOR);
-                !addrs.is_empty()
-            });
-            if known.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        let addrs = known.entry(name).or_default();
+        known.prune(now, Duration::from_secs(3600), |addrs| {
+            addrs.retain(|(_, at)| now.saturating_duration_since(*at) < KNOWN_FOR);
+            addrs.is_empty()
+        });
+        let Some(addrs) = known.entry(name, Vec::new) else {
+            return;
+        };
         addrs.retain(|(known, at)| *known != addr && now.saturating_duration_since(*at) < KNOWN_FOR);
         addrs.push((addr, now));
         if addrs.len() > KNOWN_PER_USER {

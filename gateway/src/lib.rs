@@ -4,13 +4,14 @@
 
 mod accounts;
 mod config;
+pub mod health;
 mod http;
+mod limit;
 mod metrics;
 mod ws;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use chatoy_bus::DynBus;
 use chatoy_store::DynStore;
@@ -24,6 +25,7 @@ use ws::wire::CloseReason;
 pub use config::{AllowedOrigins, GatewayConfig};
 
 use crate::accounts::{Accounts, LoginThrottle};
+use crate::health::Health;
 use crate::http::{AddrBuckets, Admission, ConnInfo};
 use crate::metrics::Metrics;
 use crate::ws::registry::Registry;
@@ -51,55 +53,8 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     /// Every socket task, so shutdown can wait for them.
     tasks: TaskTracker,
-    /// Whether the store answered lately, for `/readyz`.
-    store_health: StoreHealth,
-}
-
-/// How often the store is pinged for `/readyz`, how long one ping may take, and how long after
-/// its last good ping the store still counts as reachable.
-const STORE_PING_EVERY: Duration = Duration::from_secs(1);
-const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
-const STORE_GRACE: Duration = Duration::from_secs(3);
-
-/// The store's reachability, kept by one background task so that `/readyz` answers at once: a
-/// store that is slow under load must not make every gateway look down to the load balancer
-/// (which would close their sockets, or leave the Service without endpoints).
-pub(crate) struct StoreHealth {
-    started: Instant,
-    /// Milliseconds since `started` of the last good ping; 0 = none yet.
-    last_ok_ms: AtomicU64,
-}
-
-impl StoreHealth {
-    fn new() -> StoreHealth {
-        StoreHealth {
-            started: Instant::now(),
-            last_ok_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        (self.started.elapsed().as_millis() as u64).max(1)
-    }
-
-    /// Whether the store answered a ping within the last [`STORE_GRACE`].
-    pub(crate) fn ready(&self) -> bool {
-        let last = self.last_ok_ms.load(Ordering::Relaxed);
-        last != 0 && self.now_ms().saturating_sub(last) <= STORE_GRACE.as_millis() as u64
-    }
-
-    async fn check(&self, store: &DynStore) {
-        if let Ok(Ok(())) = tokio::time::timeout(STORE_PING_TIMEOUT, store.ping()).await {
-            self.last_ok_ms.store(self.now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    async fn watch(shared: Arc<Shared>) {
-        loop {
-            tokio::time::sleep(STORE_PING_EVERY).await;
-            shared.store_health.check(&shared.store).await;
-        }
-    }
+    /// What `/readyz` reports.
+    health: Arc<Health>,
 }
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown`, then drains: sockets get 1001
@@ -142,6 +97,8 @@ pub async fn run(
     );
     let admission = Admission::new(&config);
     let registrations = AddrBuckets::new(config.register_rate_per_ip, config.register_burst_per_ip);
+    // Ready from the first request on if the store answers now.
+    let health = Health::start(bus.clone(), store.clone(), shutdown.clone()).await;
     let shared = Arc::new(Shared {
         config,
         store,
@@ -157,11 +114,8 @@ pub async fn run(
         sockets: AtomicUsize::new(0),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
-        store_health: StoreHealth::new(),
+        health,
     });
-    // Ready from the first request on if the store answers now.
-    shared.store_health.check(&shared.store).await;
-    let store_watch = tokio::spawn(StoreHealth::watch(shared.clone()));
     // User events (joins, logouts) must reach sockets from the first one on.
     let users = shared
         .bus
@@ -176,19 +130,7 @@ pub async fn run(
             .keepalive(shared.config.ping_interval, shared.config.idle_timeout),
     );
     let http = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off briefly rather than spin.
-                    tracing::warn!(cause = %err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    while let Some((stream, peer)) = health::accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
         let header_timeout = shared.config.http_timeout;
         // hyper refuses a read buffer under 8 KiB; the flag's minimum is that.
@@ -237,6 +179,5 @@ pub async fn run(
     }
     user_feed.abort();
     keepalive.abort();
-    store_watch.abort();
     Ok(())
 }

@@ -3,9 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use chatoy_bus::DynBus;
 use chatoy_protocol::SendCode;
@@ -181,9 +179,6 @@ impl Metrics {
         let reconnects = self.bus.reconnects();
         let before = self.reconnects_seen.fetch_max(reconnects, Ordering::Relaxed);
         self.bus_reconnects.inc_by(reconnects.saturating_sub(before));
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        crate::health::render(&self.registry)
     }
 }

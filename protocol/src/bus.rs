@@ -6,7 +6,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::codes::SendCode;
-use crate::frame::MessageContent;
+use crate::frame::{recv_frame, Message, MessageContent};
 use crate::time::Timestamp;
 
 /// Which connection on which gateway a message came from, so that its `recv` skips that socket
@@ -68,6 +68,18 @@ const ROOM_EVENT_HEADER: usize = 40;
 const NO_PREV: i64 = i64::MIN;
 
 impl RoomEvent {
+    /// The event of a stored message, with its `recv` frame: serialised here once for every
+    /// gateway and socket.
+    pub fn new(message: Message, prev: Option<Timestamp>, origin: Origin) -> RoomEvent {
+        RoomEvent {
+            room: message.room,
+            sent: message.sent,
+            prev,
+            origin,
+            frame: recv_frame(message),
+        }
+    }
+
     /// Encodes as a 40-byte little-endian header (room, sent, prev, gateway, conn) then the frame.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(ROOM_EVENT_HEADER + self.frame.len());

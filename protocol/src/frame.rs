@@ -235,6 +235,12 @@ impl ServerFrame {
     }
 }
 
+/// The `recv` frame of a message (the one place it is built: live fan-out and `since` replay
+/// send the same bytes).
+pub fn recv_frame(message: Message) -> bytes::Bytes {
+    bytes::Bytes::from(ServerFrame::Recv { data: message }.to_json())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

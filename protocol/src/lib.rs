@@ -4,6 +4,7 @@
 //! wire (field names and `type` tags exactly as in the seed protocol document), and the
 //! validation rules of PROTOCOL.md that do not need any state.
 
+pub mod backoff;
 pub mod bus;
 pub mod codes;
 pub mod frame;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatoy_bus::DynBus;
+use chatoy_protocol::backoff::Backoff;
 use chatoy_store::DynStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -76,7 +77,8 @@ pub struct Router {
 
 impl Router {
     /// Takes the bus's work (retrying, with capped exponential backoff, while the bus cannot
-    /// hand it out yet) and starts the workers; `Err` only if `shutdown` came first.
+    /// hand it out yet) and starts the workers; `Err` if `shutdown` came first or the bus is
+    /// laid out for another number of partitions.
     pub async fn start(
         config: RouterConfig,
         bus: DynBus,
@@ -86,17 +88,17 @@ impl Router {
     ) -> Result<Router, RouterError> {
         let config = Arc::new(config);
         let stop_work = CancellationToken::new();
-        let mut retry = Duration::from_millis(100);
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let sources = loop {
             match bus.work().await {
                 Ok(sources) => break sources,
+                Err(err @ chatoy_bus::BusError::Misconfigured(_)) => return Err(RouterError::Bus(err)),
                 Err(err) => {
                     tracing::warn!(cause = %err, "cannot consume work yet; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
+                        _ = tokio::time::sleep(retry.next_delay()) => {}
                         _ = shutdown.cancelled() => return Err(RouterError::Bus(err)),
                     }
-                    retry = (retry * 2).min(Duration::from_secs(5));
                 }
             }
         };

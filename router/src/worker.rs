@@ -12,10 +12,9 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use chatoy_bus::{DynBus, Work, WorkSource};
-use chatoy_protocol::bus::{Origin, RoomEvent};
-use chatoy_protocol::{Message, SendCode, ServerFrame, Timestamp};
+use chatoy_protocol::bus::RoomEvent;
+use chatoy_protocol::{Message, SendCode, Timestamp};
 use chatoy_store::{DynStore, Fence, NewMessage, PendingWrite, RoomBatch};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
@@ -188,7 +187,7 @@ impl Worker {
                         content: request.content.clone(),
                         sent,
                     };
-                    let event = event(stored_message(&message), Some(prev), request.origin);
+                    let event = RoomEvent::new(stored_message(&message), Some(prev), request.origin);
                     match rooms.iter_mut().find(|batch| batch.room == request.room) {
                         Some(batch) => batch.messages.push(message),
                         None => rooms.push(RoomBatch {
@@ -202,7 +201,7 @@ impl Worker {
                 // again without a `prev`, it makes gateways that lack it check the store.
                 Decision::Duplicate { republish: true, .. } => found
                     .get(&(request.room, request.uuid))
-                    .map(|message| event(message.clone(), None, request.origin)),
+                    .map(|message| RoomEvent::new(message.clone(), None, request.origin)),
                 Decision::Duplicate { .. } | Decision::Refuse(_) => None,
             };
             items.push(Item {
@@ -317,16 +316,5 @@ fn stored_message(message: &NewMessage) -> Message {
         data: message.content.clone(),
         sent: message.sent,
         modified: false,
-    }
-}
-
-/// A room event with its `recv` frame, serialised once here for every gateway and socket.
-fn event(message: Message, prev: Option<Timestamp>, origin: Origin) -> RoomEvent {
-    RoomEvent {
-        room: message.room,
-        sent: message.sent,
-        prev,
-        origin,
-        frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
     }
 }

@@ -111,6 +111,12 @@ pub(crate) async fn migrate(services: &Services, keyspace: &str, log: &Path) -> 
     run_command(&mut command, log, Duration::from_secs(180), "chatoy migrate").await
 }
 
+/// Gives `flag` (already among `args`) another value.
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let at = args.iter().position(|arg| arg == flag).expect(flag) + 1;
+    args[at] = value.to_owned();
+}
+
 /// Removes every inherited `CHATOY_*` variable but the log level, so only explicit flags count.
 pub(crate) fn scrub_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
@@ -234,12 +240,7 @@ impl Cluster {
         let name = format!("gateway-{n}");
         let mut args = self.common_args("gateway", &name);
         if let Some((_, url)) = self.gateway_nats.iter().find(|(gateway, _)| *gateway == n) {
-            let at = args
-                .iter()
-                .position(|arg| arg == "--nats-url")
-                .expect("--nats-url")
-                + 1;
-            args[at] = url.clone();
+            set_flag(&mut args, "--nats-url", url);
         }
         let extra: Vec<&str> = self.gateway_flags.iter().map(String::as_str).collect();
         args.extend(crate::harness::test_flags(&extra));
@@ -451,6 +452,21 @@ impl Cluster {
             }
             wait_ok(&format!("{}/readyz", self.base_url()), "the balanced gateways").await;
         }
+    }
+
+    /// Runs one more `role` process (`gateway` or `router`) with the cluster's flags but
+    /// `--partitions partitions`, until it exits by itself (at most [`START_LIMIT`]); returns how
+    /// it exited and its output.
+    pub(crate) async fn run_with_partitions(&self, role: &str, partitions: u32) -> (ExitStatus, String) {
+        let name = format!("{role}-partitions-{partitions}");
+        let mut args = self.common_args(role, &name);
+        set_flag(&mut args, "--partitions", &partitions.to_string());
+        args.extend(["--listen", "127.0.0.1:0"].map(String::from));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+        command.args(&args);
+        scrub_env(&mut command);
+        let log = self.dir.path().join(format!("{name}.log"));
+        run_command(&mut command, &log, START_LIMIT, &name).await
     }
 
     /// Starts one more router; returns its number.

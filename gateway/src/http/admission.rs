@@ -1,7 +1,6 @@
 //! Admitting connections: the connection-rate limits per gateway and per client address, and
 //! the client address itself (the TCP peer, or the entry a trusted proxy added).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -11,97 +10,23 @@ use parking_lot::Mutex;
 
 use super::{error_response, Body};
 use crate::config::GatewayConfig;
+use crate::limit::{Bucket, KeyedBuckets};
 
-/// A token bucket: `burst` tokens, refilled at `rate` per second.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.at = now;
-    }
-
-    /// Takes a token, or says how long until one is there.
-    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
-        self.refill(rate, burst, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
-        }
-    }
-}
-
-/// Most client addresses with a partly used bucket; a full bucket is the same as none, so
-/// addresses whose bucket refilled are forgotten. Past this, new addresses go unchecked (the
+/// Most client addresses with a partly used bucket. Past this, new addresses go unchecked (the
 /// gateway-wide bucket still holds).
 const MAX_TRACKED_ADDRS: usize = 65_536;
 
-/// One token bucket per client address, all with the same rate and burst (rate 0: no limit).
-/// Only partly used buckets are kept: a full bucket is the same as none.
-pub(crate) struct AddrBuckets {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<(HashMap<IpAddr, Bucket>, Instant)>,
-}
+/// One token bucket per client address (connections, registrations).
+pub(crate) struct AddrBuckets(KeyedBuckets<IpAddr>);
 
 impl AddrBuckets {
     pub(crate) fn new(rate: f64, burst: f64) -> AddrBuckets {
-        AddrBuckets {
-            rate,
-            burst: burst.max(1.0),
-            buckets: Mutex::new((HashMap::new(), Instant::now())),
-        }
+        AddrBuckets(KeyedBuckets::new(rate, burst, MAX_TRACKED_ADDRS))
     }
 
     /// Takes a token of `addr`'s bucket, or says how long until one is there.
     pub(crate) fn take(&self, addr: IpAddr) -> Result<(), Duration> {
-        if self.rate <= 0.0 {
-            return Ok(());
-        }
-        let (rate, burst, now) = (self.rate, self.burst, Instant::now());
-        let mut guard = self.buckets.lock();
-        let (buckets, pruned) = &mut *guard;
-        // A bucket refills completely within burst / rate; after that it can be dropped. When
-        // the map is full, prune at most once a second: a flood from many addresses must not
-        // make every request walk the whole map.
-        let refill = Duration::from_secs_f64((burst / rate).min(3600.0));
-        let every = if buckets.len() >= MAX_TRACKED_ADDRS {
-            Duration::from_secs(1)
-        } else {
-            refill.max(Duration::from_secs(10))
-        };
-        if now.saturating_duration_since(*pruned) >= every {
-            buckets.retain(|_, bucket| {
-                bucket.refill(rate, burst, now);
-                bucket.tokens < burst
-            });
-            *pruned = now;
-        }
-        let full = buckets.len() >= MAX_TRACKED_ADDRS;
-        match buckets.get_mut(&addr) {
-            Some(bucket) => bucket.take(rate, burst, now),
-            None if !full => {
-                let mut bucket = Bucket::full(burst, now);
-                let taken = bucket.take(rate, burst, now);
-                buckets.insert(addr, bucket);
-                taken
-            }
-            None => Ok(()),
-        }
+        self.0.take(addr)
     }
 }
 

@@ -101,7 +101,7 @@ pub(crate) fn error_response(status: StatusCode, msg: &str) -> Response<Body> {
     )
 }
 
-pub(super) fn ok_response(status: StatusCode) -> Response<Body> {
+pub(crate) fn ok_response(status: StatusCode) -> Response<Body> {
     json_response(
         status,
         &CodeMsg {
@@ -182,16 +182,10 @@ pub(crate) async fn handle(
     let response = match (segments.as_slice(), &method) {
         _ if is_preflight => Ok(preflight()),
         (["ws"], &Method::GET) => Ok(crate::ws::upgrade(&shared, req)),
-        (["healthz"], &Method::GET) => Ok(ok_response(StatusCode::OK)),
-        (["readyz"], &Method::GET) => Ok(readiness(&shared)),
-        (["metrics"], &Method::GET) => {
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            Ok(response)
-        }
+        (["healthz" | "readyz" | "metrics"], &Method::GET) => shared
+            .health
+            .probe(&path, || shared.metrics.render())
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such path")),
         (["users"], &Method::POST) => register(&shared, req, addr).await,
         (["users", id], &Method::GET) => get_user(&shared, id).await,
         (["login"], &Method::POST) => login(&shared, req, addr).await,
@@ -218,19 +212,6 @@ pub(crate) async fn handle(
     // The path and the status only: headers and bodies carry tokens and passwords.
     tracing::debug!(%method, path, status = response.status().as_u16(), client = %addr, "http request");
     Ok(response)
-}
-
-fn readiness(shared: &Shared) -> Response<Body> {
-    if shared.shutdown.is_cancelled() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "draining");
-    }
-    if !shared.bus.is_ready() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "bus unavailable");
-    }
-    if !shared.store_health.ready() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
-    }
-    ok_response(StatusCode::OK)
 }
 
 pub(super) async fn read_json<T: DeserializeOwned>(shared: &Shared, req: Request<Incoming>) -> Reply<T> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, Origin};
-use chatoy_protocol::frame::FrameError;
+use chatoy_protocol::frame::{recv_frame, FrameError};
 use chatoy_protocol::{
     validate, AuthCode, ClientFrame, MessageContent, SendCode, ServerFrame, Since, Timestamp,
 };
@@ -31,6 +31,7 @@ use super::mailbox::{Outbound, Pushed};
 use super::registry::{Added, Peer};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
+use crate::limit::Bucket;
 use crate::Shared;
 use chatoy_store::Session;
 
@@ -359,7 +360,7 @@ async fn replay(
             let got = page.len();
             for message in page {
                 cursor = message.sent;
-                out.extend_from_slice(&wire::text(&ServerFrame::Recv { data: message }.to_json()));
+                out.extend_from_slice(&wire::text(&recv_frame(message)));
                 if out.len() >= 64 * 1024 {
                     write_raw(ws, &out, shared.config.write_timeout).await?;
                     out.clear();
@@ -382,26 +383,6 @@ async fn replay(
     Ok(seam)
 }
 
-/// A token bucket for `msg` frames.
-struct RateLimit {
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimit {
-    fn take(&mut self, rate: f64, burst: f64) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// What woke an idle socket.
 enum Wake {
     Mailbox,
@@ -411,17 +392,15 @@ enum Wake {
 /// The socket's state between wake-ups.
 struct Live {
     seam: Seam,
-    limit: RateLimit,
+    /// The `msg` rate limit.
+    limit: Bucket,
 }
 
 impl Live {
     fn new(config: &crate::config::GatewayConfig, seam: Seam) -> Live {
         Live {
             seam,
-            limit: RateLimit {
-                tokens: config.msg_burst,
-                at: Instant::now(),
-            },
+            limit: Bucket::full(config.msg_burst, Instant::now()),
         }
     }
 }
@@ -579,7 +558,7 @@ fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
     }
 }
 
-async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLimit, text: &[u8]) {
+async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut Bucket, text: &[u8]) {
     let metrics = &shared.metrics;
     match ClientFrame::parse(text) {
         Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth | FrameError::BadSince(_)) => {
@@ -611,7 +590,7 @@ async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut RateLim
 async fn handle_msg(
     shared: &Arc<Shared>,
     peer: &Arc<Peer>,
-    limit: &mut RateLimit,
+    limit: &mut Bucket,
     uuid: String,
     room: u64,
     data: MessageContent,
@@ -635,7 +614,8 @@ async fn handle_msg(
             return;
         }
     };
-    if !limit.take(shared.config.msg_rate, shared.config.msg_burst) {
+    let (rate, burst) = (shared.config.msg_rate, shared.config.msg_burst);
+    if limit.take(rate, burst, Instant::now()).is_err() {
         shared.metrics.ack(SendCode::RateLimited);
         queue(shared, peer, send_refusal(SendCode::RateLimited, uuid));
         return;

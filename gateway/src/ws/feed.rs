@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use chatoy_bus::Delivery;
 use chatoy_protocol::bus::{Origin, RoomEvent};
-use chatoy_protocol::{ServerFrame, Timestamp};
+use chatoy_protocol::Timestamp;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -129,13 +128,7 @@ impl Registry {
                         Some(event) if event.sent == message.sent => event.origin,
                         _ => Origin { gateway: 0, conn: 0 },
                     };
-                    batch.push(RoomEvent {
-                        room,
-                        sent: message.sent,
-                        prev: None,
-                        origin,
-                        frame: Bytes::from(ServerFrame::Recv { data: message }.to_json()),
-                    });
+                    batch.push(RoomEvent::new(message, None, origin));
                 }
                 match event {
                     Some(event) if event.sent > newest && event.prev.is_some() => {
