@@ -49,7 +49,7 @@ def read_roles():
     for role in ("gateway", "router", "migrate"):
         text = (WORK / f"help-{role}.txt").read_text()
         env, flag_env = {}, {}
-        for block in re.split(r"\n(?=\s+-)", text):
+        for block in re.split(r"\n(?=\s+(?:-\w, )?--\w)", text):
             name = re.search(r"\[env: (CHATOY_[A-Z0-9_]+)", block)
             if name:
                 default = re.search(r"\[default: ([^\]]*)\]", block)

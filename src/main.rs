@@ -42,10 +42,10 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
     let (format, filter) = match &command {
-        Command::Standalone(args) => (args.common.log_format, args.common.log.as_str()),
-        Command::Gateway(args) => (args.common.log_format, args.common.log.as_str()),
-        Command::Router(args) => (args.log_format, args.log.as_str()),
-        Command::Migrate(args) => (args.log_format, args.log.as_str()),
+        Command::Standalone(args) => (args.common.log.log_format, args.common.log.log.as_str()),
+        Command::Gateway(args) => (args.common.log.log_format, args.common.log.log.as_str()),
+        Command::Router(args) => (args.log.log_format, args.log.log.as_str()),
+        Command::Migrate(args) => (args.log.log_format, args.log.log.as_str()),
         // The client's output is its stdout; only warnings of the libraries it uses go to stderr.
         Command::Client(_) => (LogFormat::Text, "warn"),
     };
@@ -168,7 +168,7 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
     chatoy_gateway::run(
-        args.common.gateway_config(),
+        args.common.config.clone(),
         store,
         bus,
         listener,
@@ -228,7 +228,7 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let layout = tokio::spawn(check_layout(bus.clone(), shutdown.clone()));
     chatoy_gateway::run(
-        args.common.gateway_config(),
+        args.common.config.clone(),
         store,
         bus,
         listener,

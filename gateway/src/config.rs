@@ -1,6 +1,10 @@
-//! Every limit and timeout of the gateway, passed in explicitly by the binary.
+//! Every limit and timeout of the gateway: the flags of the processes that serve clients, with
+//! their defaults.
 
 use std::time::Duration;
+
+use clap::builder::RangedU64ValueParser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// Browser origins allowed to call the API and open WebSockets (`--allowed-origins`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,130 +56,196 @@ impl AllowedOrigins {
     }
 }
 
-/// Gateway settings; the defaults are PROTOCOL.md's.
-#[derive(Debug, Clone)]
+/// Gateway settings: the flags and `CHATOY_*` variables of every process that serves clients
+/// (the binary flattens this struct into its commands, so each default is written once, here).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GatewayConfig {
-    /// How long a token stays valid after login.
+    /// How long a login token stays valid.
+    #[arg(long, env = "CHATOY_TOKEN_TTL", default_value = "48h", value_parser = parse::positive_duration)]
     pub token_ttl: Duration,
-    /// A socket that has not authenticated this long after the upgrade is closed (1008).
+    /// Close a WebSocket that has not authenticated within this time of the upgrade (1008).
+    #[arg(long, env = "CHATOY_AUTH_TIMEOUT", default_value = "10s", value_parser = parse::positive_duration)]
     pub auth_timeout: Duration,
-    /// Failed `auth` attempts before the socket is closed (1008).
+    /// Close a WebSocket after this many failed auth attempts (1008).
+    #[arg(long, env = "CHATOY_MAX_AUTH_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures: u32,
-    /// How often the server pings each socket.
+    /// How often the server pings each WebSocket.
+    #[arg(long, env = "CHATOY_PING_INTERVAL", default_value = "30s", value_parser = parse::positive_duration)]
     pub ping_interval: Duration,
-    /// A socket silent (no frame, not even a pong) this long is closed (1008).
+    /// Close a WebSocket from which nothing (not even a pong) arrived for this long (1008).
+    #[arg(long, env = "CHATOY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse::positive_duration)]
     pub idle_timeout: Duration,
-    /// Largest inbound frame or message in bytes; larger closes with 1009.
+    /// Largest inbound WebSocket frame or message in bytes; larger closes with 1009.
+    #[arg(long, env = "CHATOY_MAX_FRAME_SIZE", default_value_t = 65536, value_parser = RangedU64ValueParser::<usize>::new().range(1024..=16_777_216))]
     pub max_frame_size: usize,
-    /// Frames queued for one socket before it counts as a slow consumer and is closed (1008).
+    /// Frames queued for one socket before it is closed as a slow consumer (1008).
+    #[arg(long, env = "CHATOY_OUTBOUND_QUEUE", default_value_t = 1024, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub outbound_queue: usize,
-    /// A write to one socket that makes no progress this long drops the connection.
+    /// Drop a connection whose writes make no progress for this long.
+    #[arg(long, env = "CHATOY_WRITE_TIMEOUT", default_value = "10s", value_parser = parse::positive_duration)]
     pub write_timeout: Duration,
-    /// How long the gateway waits for the router's answer before answering code 5.
+    /// How long to wait for the router's answer to a msg before answering code 5.
+    #[arg(long, env = "CHATOY_SEND_TIMEOUT", default_value = "5s", value_parser = parse::positive_duration)]
     pub send_timeout: Duration,
-    /// Sustained `msg` frames per second per socket before code 4.
+    /// Sustained msg frames per second per socket; above it the answer is code 4.
+    #[arg(long, env = "CHATOY_MSG_RATE", default_value = "100", value_parser = parse::positive_rate)]
     pub msg_rate: f64,
-    /// Burst of `msg` frames per socket allowed above the rate.
+    /// Burst of msg frames per socket allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_MSG_BURST", default_value = "200", value_parser = parse::positive_rate)]
     pub msg_burst: f64,
-    /// Open WebSockets per gateway; the upgrade answers 503 above it.
+    /// Open WebSockets per process; above it the upgrade answers 503.
+    #[arg(long, env = "CHATOY_MAX_SOCKETS", default_value_t = 19_000)]
     pub max_sockets: usize,
-    /// Authenticated sockets of one user per gateway; the next `auth` closes with 1008.
+    /// Authenticated sockets of one user per process; the next `auth` is closed with 1008.
+    #[arg(long, env = "CHATOY_MAX_SOCKETS_PER_USER", default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_sockets_per_user: usize,
     /// Rooms one user may be in (created or joined); creating or joining more answers 403.
+    #[arg(long, env = "CHATOY_MAX_ROOMS_PER_USER", default_value_t = 1000, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_rooms_per_user: usize,
-    /// Password hashes (argon2id: about `argon2_memory_kib` each) computed at once; a
-    /// registration or login that cannot start one within `hash_wait` answers 503.
+    /// Password hashes computed at once (argon2id: about --argon2-memory-kib each); a
+    /// registration or login that cannot start one within --hash-wait answers 503.
+    #[arg(long, env = "CHATOY_MAX_CONCURRENT_HASHES", default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub max_concurrent_hashes: usize,
     /// How long a registration or login waits for one of the concurrent hashes.
+    #[arg(long, env = "CHATOY_HASH_WAIT", default_value = "2s", value_parser = parse::duration)]
     pub hash_wait: Duration,
-    /// Registrations per second per client address (sustained); over it, 429. Zero disables.
+    /// Registrations per second per client address, sustained (0: no limit); over it, 429.
+    #[arg(long, env = "CHATOY_REGISTER_RATE_PER_IP", default_value = "0.2", value_parser = parse::rate_or_off)]
     pub register_rate_per_ip: f64,
-    /// Burst of registrations per client address allowed above `register_rate_per_ip`.
+    /// Burst of registrations per client address allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_REGISTER_BURST_PER_IP", default_value = "20", value_parser = parse::burst)]
     pub register_burst_per_ip: f64,
-    /// Grace period for sockets and in-flight work on shutdown.
+    /// On SIGTERM, how long to wait for sockets and in-flight requests before exiting.
+    #[arg(long, env = "CHATOY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse::duration)]
     pub drain_timeout: Duration,
-    /// Most messages replayed per room for `since`.
+    /// Most stored messages replayed per room for `auth` with `since` (the newest ones).
+    #[arg(long, env = "CHATOY_SINCE_LIMIT", default_value_t = 1000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     pub since_limit: usize,
     /// Largest HTTP request body in bytes (413 above).
+    #[arg(long, env = "CHATOY_MAX_BODY_SIZE", default_value_t = 65536, value_parser = RangedU64ValueParser::<usize>::new().range(1024..))]
     pub max_body_size: usize,
-    /// Time allowed to send request headers, and separately the body: a connection whose
-    /// request head is not complete in time is closed; a body not complete in time gets 408.
+    /// Time allowed for an HTTP request's headers (else the connection is closed), and
+    /// separately for its body (else 408). Also how long an idle keep-alive connection stays.
+    #[arg(long, env = "CHATOY_HTTP_TIMEOUT", default_value = "10s", value_parser = parse::positive_duration)]
     pub http_timeout: Duration,
-    /// Largest request head (request line and headers) in bytes; 431 above. At least 8192.
+    /// Largest HTTP request head (request line and headers) in bytes (431 above).
+    #[arg(long, env = "CHATOY_MAX_HEADER_SIZE", default_value_t = 16_384, value_parser = RangedU64ValueParser::<usize>::new().range(8192..=1_048_576))]
     pub max_header_size: usize,
-    /// New connections per second per gateway (sustained), counted at a connection's first
-    /// request that is not a probe (`/healthz`, `/readyz`, `/metrics`); over it, 503.
+    /// New connections per second per process, counted at a connection's first request that is
+    /// not a probe (/healthz, /readyz, /metrics); above it the request answers 503.
+    #[arg(long, env = "CHATOY_CONN_RATE", default_value = "1000", value_parser = parse::positive_rate)]
     pub conn_rate: f64,
-    /// Burst of new connections per gateway allowed above `conn_rate`.
+    /// Burst of new connections per process allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_CONN_BURST", default_value = "2000", value_parser = parse::burst)]
     pub conn_burst: f64,
-    /// New connections per second per client address (an IPv6 address counts by its /64);
-    /// over it, 429. Zero disables the per-address limit.
+    /// New connections per second per client address (IPv6: per /64); above it the request
+    /// answers 429. 0 turns it off (behind a proxy without --client-ip-header every client
+    /// has the proxy's address).
+    #[arg(long, env = "CHATOY_CONN_RATE_PER_IP", default_value = "100", value_parser = parse::rate_or_off)]
     pub conn_rate_per_ip: f64,
-    /// Burst of new connections per client address allowed above `conn_rate_per_ip`.
+    /// Burst of new connections per client address allowed above the sustained rate.
+    #[arg(long, env = "CHATOY_CONN_BURST_PER_IP", default_value = "1000", value_parser = parse::burst)]
     pub conn_burst_per_ip: f64,
-    /// Failed logins of one username from one client address before that address's logins
-    /// of the username are refused with 429; 0 disables.
+    /// Failed logins of one username from one client address before that address's logins of
+    /// it answer 429 (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_USER", default_value_t = 10)]
     pub login_failures_per_user: u32,
-    /// Failed logins of one username from all addresses before its logins are refused with
-    /// 429 — except from addresses it logged in from successfully within `login_lockout`; 0
-    /// disables.
+    /// Failed logins of one username from all addresses before its logins answer 429, except
+    /// from addresses it logged in from within --login-lockout (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_USER_ALL", default_value_t = 1000)]
     pub login_failures_per_user_all: u32,
-    /// Failed logins from one client address before its logins are refused with 429; 0
-    /// disables.
+    /// Failed logins from one client address before its logins answer 429 (0: no limit).
+    #[arg(long, env = "CHATOY_LOGIN_FAILURES_PER_IP", default_value_t = 100)]
     pub login_failures_per_ip: u32,
-    /// Failures count until this long passes without one; a locked username or address is
-    /// refused until this long after its last failure.
+    /// Failed logins count until this long passes without one; a locked username or address
+    /// is refused until this long after its last failure.
+    #[arg(long, env = "CHATOY_LOGIN_LOCKOUT", default_value = "15m", value_parser = parse::positive_duration)]
     pub login_lockout: Duration,
-    /// A request header naming the client's address, set by a trusted proxy in front of every
-    /// gateway (e.g. `x-forwarded-for`; its last entry is used). `None`: the TCP peer.
+    /// Header that carries the client's address, set by a proxy in front of every gateway
+    /// (e.g. x-forwarded-for; its last entry counts). Unset: the TCP peer's address. Set it only
+    /// if clients cannot reach the process except through that proxy.
+    #[arg(long, env = "CHATOY_CLIENT_IP_HEADER", value_name = "HEADER", value_parser = parse::header_name)]
     pub client_ip_header: Option<String>,
-    /// Browser origins allowed (the WebSocket upgrade and every HTTP request).
+    /// Browser origins allowed besides the gateway's own host, comma-separated
+    /// (`https://chat.example.com,https://app.example.com`), or `*` for any. They get CORS
+    /// headers; a request or WebSocket upgrade with any other Origin answers 403. Requests
+    /// without an Origin (non-browser clients) are always allowed.
+    #[arg(long, env = "CHATOY_ALLOWED_ORIGINS", default_value = "", value_name = "ORIGINS", value_parser = AllowedOrigins::parse)]
     pub allowed_origins: AllowedOrigins,
-    /// argon2id memory cost in KiB.
+    /// argon2id memory cost per password hash, in KiB.
+    #[arg(long, env = "CHATOY_ARGON2_MEMORY_KIB", default_value_t = 19_456, value_parser = clap::value_parser!(u32).range(8..))]
     pub argon2_memory_kib: u32,
-    /// argon2id iterations.
+    /// argon2id iterations per password hash.
+    #[arg(long, env = "CHATOY_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub argon2_iterations: u32,
 }
 
 impl Default for GatewayConfig {
+    /// The flags' defaults, whatever the environment says.
     fn default() -> Self {
-        GatewayConfig {
-            token_ttl: Duration::from_secs(48 * 3600),
-            auth_timeout: Duration::from_secs(10),
-            max_auth_failures: 5,
-            ping_interval: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-            max_frame_size: 64 * 1024,
-            outbound_queue: 1024,
-            write_timeout: Duration::from_secs(10),
-            send_timeout: Duration::from_secs(5),
-            msg_rate: 100.0,
-            msg_burst: 200.0,
-            max_sockets: 19_000,
-            max_sockets_per_user: 64,
-            max_rooms_per_user: 1000,
-            max_concurrent_hashes: 4,
-            hash_wait: Duration::from_secs(2),
-            register_rate_per_ip: 0.2,
-            register_burst_per_ip: 20.0,
-            drain_timeout: Duration::from_secs(10),
-            since_limit: 1000,
-            max_body_size: 64 * 1024,
-            http_timeout: Duration::from_secs(10),
-            max_header_size: 16 * 1024,
-            conn_rate: 1000.0,
-            conn_burst: 2000.0,
-            conn_rate_per_ip: 100.0,
-            conn_burst_per_ip: 1000.0,
-            login_failures_per_user: 10,
-            login_failures_per_user_all: 1000,
-            login_failures_per_ip: 100,
-            login_lockout: Duration::from_secs(15 * 60),
-            client_ip_header: None,
-            allowed_origins: AllowedOrigins::SameOrigin,
-            argon2_memory_kib: 19 * 1024,
-            argon2_iterations: 2,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: GatewayConfig,
         }
+        let command = Defaults::command().mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["chatoy"]);
+        Defaults::from_arg_matches(&matches)
+            .expect("the defaults are valid")
+            .config
+    }
+}
+
+/// Value parsers of flags: each says what it accepts when a value is refused.
+pub mod parse {
+    use std::time::Duration;
+
+    /// A duration like `500ms`, `10s` or `48h`.
+    pub fn duration(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text).map_err(|err| format!("{err} (examples: 500ms, 10s, 48h)"))
+    }
+
+    /// A duration greater than zero.
+    pub fn positive_duration(text: &str) -> Result<Duration, String> {
+        let value = duration(text)?;
+        if value.is_zero() {
+            return Err("must be greater than zero".into());
+        }
+        Ok(value)
+    }
+
+    /// A rate greater than zero.
+    pub fn positive_rate(text: &str) -> Result<f64, String> {
+        match text.parse::<f64>() {
+            Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+            _ => Err("must be a number greater than zero".into()),
+        }
+    }
+
+    /// A rate, or 0 for no limit.
+    pub fn rate_or_off(text: &str) -> Result<f64, String> {
+        match text.parse::<f64>() {
+            Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+            _ => Err("must be a number, zero or greater (0 turns the limit off)".into()),
+        }
+    }
+
+    /// A burst: at least one.
+    pub fn burst(text: &str) -> Result<f64, String> {
+        match text.parse::<f64>() {
+            Ok(value) if value.is_finite() && value >= 1.0 => Ok(value),
+            _ => Err("must be a number, 1 or greater".into()),
+        }
+    }
+
+    /// An HTTP header name, in lower case.
+    pub fn header_name(text: &str) -> Result<String, String> {
+        let name = text.trim().to_ascii_lowercase();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            return Err(format!("{text:?} is not an HTTP header name"));
+        }
+        Ok(name)
     }
 }
 

@@ -3,7 +3,7 @@
 //! room's `recv` out to its local sockets. It holds no durable state.
 
 mod accounts;
-mod config;
+pub mod config;
 pub mod health;
 mod http;
 mod limit;

@@ -71,7 +71,7 @@ const ROOM_READ_CONCURRENCY: usize = 16;
 /// Lightweight transactions use `LOCAL_SERIAL` when this is a local level and `SERIAL`
 /// otherwise, except claims that must be unique across the whole cluster (usernames and id
 /// blocks), which always use `SERIAL`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CqlConsistency {
     /// `ONE`.
     One,
