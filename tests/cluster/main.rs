@@ -1,9 +1,8 @@
 //! Cluster-only tests, each on a private mini-cluster (routers, gateways and an HAProxy as real
 //! processes on a fresh keyspace and NATS prefix of the shared NATS and Cassandra): delivery
 //! across gateways, room order with two routers, a router killed under load, a gateway added
-//! under load, `chatoy migrate` twice, a process with another partition count refused, and the
-//! CQL node going away (last: it stops the shared Cassandra, so run this binary with
-//! `--test-threads=1`, which runs tests in name order).
+//! under load, `chatoy migrate` twice, and a process with another partition count refused. (The
+//! CQL node going away is `tests/cql_down`: it stops the shared node, so it runs alone.)
 
 // The end-to-end fixtures; these tests use only part of them.
 #[allow(dead_code)]
@@ -24,4 +23,3 @@ mod resume_rooms;
 mod scale_in;
 mod scale_out;
 mod schema;
-mod zz_cql_node_down;

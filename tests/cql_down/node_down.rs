@@ -1,7 +1,7 @@
 //! The CQL node goes away: while it is down `send` is answered code 5, never 0, and once it is
 //! back the same uuids are acknowledged and stored once. This stops the shared Cassandra of the
-//! test command (`CHATOY_SERVICES_RUN_DIR`), so it runs last (the name sorts last and the binary
-//! runs with `--test-threads=1`) and a guard starts the node again even if the test fails.
+//! test command (`CHATOY_SERVICES_RUN_DIR`), so it is alone in its binary, and a guard starts the
+//! node again even if the test fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
