@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::mailbox::{Outbound, Pushed};
+use super::mailbox::{Outbound, Pushed, RecvKey};
 use super::registry::{Added, Peer};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
@@ -135,7 +135,7 @@ async fn serve(shared: &Arc<Shared>, ws: &mut Socket) {
 }
 
 /// Per room, the newest `sent` already replayed by `since`; live frames up to it are dropped.
-type Seam = Option<HashMap<u64, i64>>;
+type Seam = Option<HashMap<u64, Timestamp>>;
 
 /// What a frame read ended in, other than a text frame to handle.
 enum ReadOutcome {
@@ -340,7 +340,7 @@ async fn replay(
     ws: &mut Socket,
     rooms: &[u64],
     since: &Since,
-) -> Result<HashMap<u64, i64>, ()> {
+) -> Result<HashMap<u64, Timestamp>, ()> {
     let store = &shared.store;
     let limit = shared.config.since_limit;
     let mut seam = HashMap::new();
@@ -373,7 +373,7 @@ async fn replay(
             }
         }
         if cursor > after {
-            seam.insert(room, cursor.0);
+            seam.insert(room, cursor);
         }
     }
     if !out.is_empty() {
@@ -455,7 +455,7 @@ async fn flush(ws: &mut Socket, peer: &Peer, seam: &mut Seam, timeout: Duration)
     let drained = peer.mailbox.drain();
     let mut frames = drained.frames;
     if let Some(filter) = seam.as_mut() {
-        frames.retain(|item| item.room == 0 || keep_after_seam(filter, item));
+        frames.retain(|item| item.recv.is_none_or(|key| keep_after_seam(filter, key)));
         if filter.is_empty() {
             *seam = None;
         }
@@ -484,11 +484,12 @@ async fn flush(ws: &mut Socket, peer: &Peer, seam: &mut Seam, timeout: Duration)
 
 /// Whether a live frame is new after the `since` replay: frames up to the replayed `sent` of
 /// their room were already sent. Once a room passes its seam it is forgotten.
-fn keep_after_seam(filter: &mut HashMap<u64, i64>, item: &Outbound) -> bool {
-    match filter.get(&item.room) {
-        Some(&last) if item.sent <= last => false,
+fn keep_after_seam(filter: &mut HashMap<u64, Timestamp>, key: RecvKey) -> bool {
+    let room = key.room.get();
+    match filter.get(&room) {
+        Some(&last) if key.sent <= last => false,
         Some(_) => {
-            filter.remove(&item.room);
+            filter.remove(&room);
             true
         }
         None => true,

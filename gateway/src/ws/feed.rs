@@ -3,6 +3,7 @@
 //! sender's. An event that does not follow the last one fanned out (a bus gap, a router that
 //! died between storing and publishing) is preceded by what the store holds in between.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use chatoy_protocol::Timestamp;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::mailbox::{Outbound, Pushed};
+use super::mailbox::{Outbound, Pushed, RecvKey};
 use super::registry::{close_members, Member, Registry};
 use super::wire::{self, CloseReason};
 
@@ -167,8 +168,10 @@ impl Registry {
             .map(|event| {
                 let item = Outbound {
                     frame: wire::text(&event.frame),
-                    room: event.room,
-                    sent: event.sent.0,
+                    recv: NonZeroU64::new(event.room).map(|room| RecvKey {
+                        room,
+                        sent: event.sent,
+                    }),
                 };
                 (item, event.origin)
             })

@@ -5,30 +5,35 @@
 //! with 1008, so a client that cannot keep up costs bounded memory and resumes with `since`.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 
 use bytes::Bytes;
+use chatoy_protocol::Timestamp;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::wire::CloseReason;
 
-/// One queued frame. `room` and `sent` are set for `recv` frames so that the writer can drop
-/// duplicates at the `since` seam; they are zero for everything else.
+/// The room and `sent` of a queued `recv` frame, by which the writer drops duplicates at the
+/// `since` seam. Room ids are never 0, so an `Option<RecvKey>` is no larger than the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecvKey {
+    pub(crate) room: NonZeroU64,
+    pub(crate) sent: Timestamp,
+}
+
+/// One queued frame.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbound {
     pub(crate) frame: Bytes,
-    pub(crate) room: u64,
-    pub(crate) sent: i64,
+    /// Set for `recv` frames; `None` for everything else (`send`, `auth`, `error`, pings).
+    pub(crate) recv: Option<RecvKey>,
 }
 
 impl Outbound {
-    /// A frame that is not a room message (`send`, `auth`, `error`).
+    /// A frame that is not a room message (`send`, `auth`, `error`, a ping).
     pub(crate) fn control(frame: Bytes) -> Outbound {
-        Outbound {
-            frame,
-            room: 0,
-            sent: 0,
-        }
+        Outbound { frame, recv: None }
     }
 }
 
@@ -126,6 +131,14 @@ mod tests {
 
     fn item(n: u8) -> Outbound {
         Outbound::control(Bytes::from(vec![n]))
+    }
+
+    #[test]
+    fn a_queued_frame_costs_no_more_for_its_recv_key() {
+        // Every queued frame of every socket carries the key: the niche of the room id keeps
+        // `None` free.
+        assert_eq!(size_of::<Option<RecvKey>>(), size_of::<RecvKey>());
+        assert_eq!(size_of::<Outbound>(), size_of::<Bytes>() + 16);
     }
 
     #[tokio::test]
