@@ -17,7 +17,6 @@ use chatoy_protocol::{
 };
 use clap::{Args, Subcommand};
 use futures_util::{SinkExt, StreamExt};
-use rand::Rng;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -466,29 +465,33 @@ async fn next_frame(socket: &mut Socket) -> Result<ServerFrame, Failure> {
     }
 }
 
-/// Exponential backoff with equal jitter: half of each delay fixed, half random, so clients
-/// dropped together do not come back together. A 1001 (the gateway is draining; another one is
-/// ready) is retried almost at once.
-#[derive(Debug, Default)]
-struct Backoff {
-    attempt: u32,
+/// The client guide's reconnect and resend delays: the shared capped exponential backoff with
+/// equal jitter (0.5 s doubling to 30 s), so clients dropped together do not come back together;
+/// a 1001 (the gateway is draining; another one is ready) is retried almost at once.
+#[derive(Debug)]
+struct Backoff(chatoy_protocol::backoff::Backoff);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(chatoy_protocol::backoff::Backoff::new(
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        ))
+    }
 }
 
 impl Backoff {
     fn next(&mut self, close_code: Option<u16>) -> Duration {
-        let base = if close_code == Some(u16::from(CloseCode::Away)) {
-            Duration::from_millis(250)
+        let delay = self.0.next_delay();
+        if close_code == Some(u16::from(CloseCode::Away)) {
+            delay.min(Duration::from_millis(250))
         } else {
-            Duration::from_millis(500)
-                .saturating_mul(1 << self.attempt.min(6))
-                .min(Duration::from_secs(30))
-        };
-        self.attempt += 1;
-        base / 2 + base.mul_f64(rand::rng().random_range(0.0..0.5))
+            delay
+        }
     }
 
     fn reset(&mut self) {
-        self.attempt = 0;
+        self.0.reset();
     }
 }
 
