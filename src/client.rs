@@ -256,20 +256,22 @@ pub(crate) async fn run(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The password: `$CHATOY_PASSWORD`, else the first line of stdin (prompted on a terminal).
+/// The password: `$CHATOY_PASSWORD`, else, on a terminal, typed at a prompt without echo, else
+/// the first line of stdin (for scripts).
 fn password() -> anyhow::Result<String> {
     if let Ok(password) = std::env::var("CHATOY_PASSWORD") {
         return Ok(password);
     }
-    if std::io::stdin().is_terminal() {
-        eprint!("Password (shown as you type): ");
-        let _ = std::io::stderr().flush();
-    }
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("cannot read the password from stdin")?;
+    let line = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("Password: ").context("cannot read the password")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        line
+    };
     let password = line.trim_end_matches(['\r', '\n']).to_owned();
     if password.is_empty() {
         bail!("no password: set CHATOY_PASSWORD or give it on stdin");
