@@ -16,7 +16,6 @@ mod ids;
 mod messages;
 mod statements;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -289,7 +288,7 @@ pub struct CqlStore {
     /// The bucket width in nanoseconds, > 0.
     bucket_width: i64,
     /// The newest bucket this process recorded in `message_buckets`, per room.
-    recorded_buckets: Arc<Mutex<HashMap<u64, i64>>>,
+    recorded_buckets: Arc<Mutex<lru::LruCache<u64, i64>>>,
     /// The partitions this process writes under a fence (`fenced.rs`).
     lanes: Arc<parking_lot::Mutex<fenced::Lanes>>,
 }
@@ -325,7 +324,9 @@ impl CqlStore {
             user_ids: Arc::new(IdAllocator::new("users")),
             room_ids: Arc::new(IdAllocator::new("rooms")),
             bucket_width: config.bucket_width_nanos,
-            recorded_buckets: Arc::default(),
+            recorded_buckets: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(messages::MAX_REMEMBERED_ROOMS).expect("not zero"),
+            ))),
             lanes: Arc::default(),
         })
     }

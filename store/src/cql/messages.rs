@@ -26,8 +26,8 @@ use super::CqlStore;
 /// How often, and how long each time, a reader waits for a room's seal to complete.
 const SEAL_WAIT_ROUNDS: u32 = 50;
 const SEAL_WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(20);
-/// Rooms whose newest recorded bucket is remembered; the memo is cleared beyond this.
-const MAX_REMEMBERED_ROOMS: usize = 100_000;
+/// Rooms whose newest recorded bucket is remembered (the least recently used are forgotten).
+pub(super) const MAX_REMEMBERED_ROOMS: usize = 100_000;
 
 /// A `room_sequences` row as selected: `sent`, `epoch`, `WRITETIME(sent)`, `WRITETIME(epoch)`.
 pub(super) type SequenceRow = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
@@ -139,11 +139,8 @@ impl CqlStore {
             .recorded_buckets
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if recorded.len() >= MAX_REMEMBERED_ROOMS {
-            recorded.clear();
-        }
-        let newest = recorded.entry(room).or_insert(bucket);
-        *newest = (*newest).max(bucket);
+        let newest = recorded.get(&room).map_or(bucket, |&known| known.max(bucket));
+        recorded.put(room, newest);
         Ok(())
     }
 
