@@ -49,6 +49,11 @@ mod tests {
         assert!(first >= Duration::from_millis(50) && first < Duration::from_millis(100));
         let second = backoff.next_delay();
         assert!(second >= Duration::from_millis(100) && second < Duration::from_millis(200));
+        let third = backoff.next_delay();
+        assert!(third >= Duration::from_millis(200) && third < Duration::from_millis(400));
+        let fourth = backoff.next_delay();
+        assert!(fourth >= Duration::from_millis(400) && fourth < Duration::from_millis(800));
+        // From the fifth on, 1.6 s is capped at 1 s.
         for _ in 0..40 {
             let late = backoff.next_delay();
             assert!(late >= Duration::from_millis(500) && late < Duration::from_secs(1));

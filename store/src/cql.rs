@@ -10,53 +10,32 @@
 //! usernames (`users_by_name`), message uuids per room (`message_ids`), id blocks
 //! (`id_blocks`) and session revocation. Everything else is plain idempotent upserts.
 
+mod config;
 mod exec;
 mod fenced;
 mod ids;
 mod messages;
+mod migrate;
 mod statements;
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chatoy_protocol::http::{Room, User};
 use chatoy_protocol::{Message, Timestamp};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
-use scylla::policies::load_balancing::DefaultPolicy;
-use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::{
     Fence, PendingWrite, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult, UserWithHash,
 };
 use exec::{lwt, read_all, read_one, write, CqlResult};
 use ids::IdAllocator;
+
+pub use config::{CqlConfig, CqlConsistency, DEFAULT_BUCKET_WIDTH_NANOS};
+pub use migrate::migrate;
 use statements::Statements;
 
-/// The schema files, applied in this order by [`migrate`]. The first creates the keyspace and
-/// has `${keyspace}`, `${datacenter}` and `${replication_factor}` substituted; the others run
-/// inside the keyspace.
-const SCHEMA: &[(&str, &str)] = &[
-    ("001_keyspace.cql", include_str!("../schema/001_keyspace.cql")),
-    ("002_users.cql", include_str!("../schema/002_users.cql")),
-    ("003_sessions.cql", include_str!("../schema/003_sessions.cql")),
-    ("004_rooms.cql", include_str!("../schema/004_rooms.cql")),
-    ("005_messages.cql", include_str!("../schema/005_messages.cql")),
-    ("006_id_blocks.cql", include_str!("../schema/006_id_blocks.cql")),
-    ("007_room_heads.cql", include_str!("../schema/007_room_heads.cql")),
-    (
-        "008_fenced_sequencer.cql",
-        include_str!("../schema/008_fenced_sequencer.cql"),
-    ),
-];
-
-/// Ten days, the default width of a message bucket.
-pub const DEFAULT_BUCKET_WIDTH_NANOS: i64 = 10 * 24 * 3600 * 1_000_000_000;
 /// The longest TTL CQL accepts (20 years, in seconds).
 const MAX_TTL_SECS: i64 = 630_720_000;
 /// How long a session row outlives its `expires`, so that clock skew between processes never
@@ -64,219 +43,6 @@ const MAX_TTL_SECS: i64 = 630_720_000;
 const SESSION_TTL_GRACE_SECS: i64 = 3600;
 /// How many rooms of a user are read concurrently.
 const ROOM_READ_CONCURRENCY: usize = 16;
-
-/// The consistency level of ordinary reads and writes.
-///
-/// Lightweight transactions use `LOCAL_SERIAL` when this is a local level and `SERIAL`
-/// otherwise, except claims that must be unique across the whole cluster (usernames and id
-/// blocks), which always use `SERIAL`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum CqlConsistency {
-    /// `ONE`.
-    One,
-    /// `LOCAL_ONE`.
-    LocalOne,
-    /// `QUORUM`.
-    Quorum,
-    /// `LOCAL_QUORUM`, the default.
-    #[default]
-    LocalQuorum,
-    /// `EACH_QUORUM`.
-    EachQuorum,
-    /// `ALL`.
-    All,
-}
-
-impl CqlConsistency {
-    fn driver(self) -> Consistency {
-        match self {
-            CqlConsistency::One => Consistency::One,
-            CqlConsistency::LocalOne => Consistency::LocalOne,
-            CqlConsistency::Quorum => Consistency::Quorum,
-            CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
-            CqlConsistency::EachQuorum => Consistency::EachQuorum,
-            CqlConsistency::All => Consistency::All,
-        }
-    }
-
-    fn serial(self) -> SerialConsistency {
-        match self {
-            CqlConsistency::LocalOne | CqlConsistency::LocalQuorum => SerialConsistency::LocalSerial,
-            _ => SerialConsistency::Serial,
-        }
-    }
-
-    const NAMES: [(&'static str, CqlConsistency); 6] = [
-        ("one", CqlConsistency::One),
-        ("local_one", CqlConsistency::LocalOne),
-        ("quorum", CqlConsistency::Quorum),
-        ("local_quorum", CqlConsistency::LocalQuorum),
-        ("each_quorum", CqlConsistency::EachQuorum),
-        ("all", CqlConsistency::All),
-    ];
-}
-
-impl FromStr for CqlConsistency {
-    type Err = String;
-
-    /// Parses `local_quorum`, `LOCAL_QUORUM`, `local-quorum` and the like.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let wanted = text.trim().to_ascii_lowercase().replace('-', "_");
-        CqlConsistency::NAMES
-            .iter()
-            .find(|(name, _)| *name == wanted)
-            .map(|(_, level)| *level)
-            .ok_or_else(|| {
-                let names: Vec<&str> = CqlConsistency::NAMES.iter().map(|(name, _)| *name).collect();
-                format!(
-                    "unknown consistency {text:?} (expected one of {})",
-                    names.join(", ")
-                )
-            })
-    }
-}
-
-impl fmt::Display for CqlConsistency {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = CqlConsistency::NAMES
-            .iter()
-            .find(|(_, level)| level == self)
-            .map_or("local_quorum", |(name, _)| *name);
-        f.write_str(name)
-    }
-}
-
-/// Where the cluster is and how to use it.
-#[derive(Debug, Clone)]
-pub struct CqlConfig {
-    /// Contact points, `host:port` (at least one).
-    pub nodes: Vec<String>,
-    /// The keyspace; letters, digits and `_`, at most 48 characters.
-    pub keyspace: String,
-    /// The consistency of ordinary reads and writes.
-    pub consistency: CqlConsistency,
-    /// Replicas per datacenter when [`migrate`] creates the keyspace.
-    pub replication_factor: u32,
-    /// The local datacenter: the keyspace's replication names it, and requests prefer its nodes.
-    pub datacenter: String,
-    /// The width of a message bucket in nanoseconds (> 0). It is part of the data layout: every
-    /// process of a cluster must use the same width, and changing it orphans stored messages.
-    pub bucket_width_nanos: i64,
-}
-
-impl Default for CqlConfig {
-    /// One local node (`127.0.0.1:9042`), keyspace `chatoy`, `LOCAL_QUORUM`, RF 1 in
-    /// `datacenter1`, ten-day buckets: what a laptop runs. Production raises the RF.
-    fn default() -> Self {
-        CqlConfig {
-            nodes: vec!["127.0.0.1:9042".into()],
-            keyspace: "chatoy".into(),
-            consistency: CqlConsistency::LocalQuorum,
-            replication_factor: 1,
-            datacenter: "datacenter1".into(),
-            bucket_width_nanos: DEFAULT_BUCKET_WIDTH_NANOS,
-        }
-    }
-}
-
-impl CqlConfig {
-    /// Checks what is substituted into CQL text or divides.
-    fn validate(&self) -> Result<(), String> {
-        if self.nodes.is_empty() {
-            return Err("no CQL contact points given".into());
-        }
-        let identifier = |text: &str| {
-            !text.is_empty()
-                && text.len() <= 48
-                && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        };
-        if !identifier(&self.keyspace) {
-            return Err(format!(
-                "invalid keyspace {:?}: use 1 to 48 letters, digits or underscores",
-                self.keyspace
-            ));
-        }
-        if self.datacenter.is_empty() || self.datacenter.contains('\'') {
-            return Err(format!("invalid datacenter name {:?}", self.datacenter));
-        }
-        if self.replication_factor == 0 {
-            return Err("the replication factor must be at least 1".into());
-        }
-        if self.bucket_width_nanos <= 0 {
-            return Err(format!(
-                "the bucket width must be positive, not {}",
-                self.bucket_width_nanos
-            ));
-        }
-        Ok(())
-    }
-
-    /// A session builder with the contact points, consistency and datacenter preference.
-    fn session_builder(&self) -> SessionBuilder {
-        let policy = DefaultPolicy::builder()
-            .prefer_datacenter(self.datacenter.clone())
-            .token_aware(true)
-            .build();
-        let profile = ExecutionProfile::builder()
-            .consistency(self.consistency.driver())
-            .serial_consistency(Some(self.consistency.serial()))
-            .load_balancing_policy(policy)
-            .build();
-        SessionBuilder::new()
-            .known_nodes(&self.nodes)
-            .default_execution_profile_handle(profile.into_handle())
-    }
-}
-
-/// Splits a schema file into statements: `--` comments dropped, `;` separated.
-fn statements_of(file: &str) -> Vec<String> {
-    let text: String = file
-        .lines()
-        .map(|line| line.split_once("--").map_or(line, |(code, _)| code))
-        .collect::<Vec<_>>()
-        .join("\n");
-    text.split(';')
-        .map(str::trim)
-        .filter(|statement| !statement.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Creates the keyspace and applies every schema file in order. Every statement is
-/// `IF NOT EXISTS`, so running it again is harmless; an existing keyspace keeps its replication
-/// settings. Run it from one process at a time (a deploy step, `chatoy migrate`): Cassandra can
-/// end up with conflicting table ids when two nodes create the same table concurrently.
-pub async fn migrate(config: &CqlConfig) -> Result<(), String> {
-    config.validate()?;
-    // Schema changes wait for schema agreement after each statement; poll for it often, and
-    // skip refreshing this short-lived session's metadata after every change.
-    let session = config
-        .session_builder()
-        .schema_agreement_interval(Duration::from_millis(20))
-        .refresh_metadata_on_auto_schema_agreement(false)
-        .build()
-        .await
-        .map_err(|err| format!("cannot connect to {}: {err}", config.nodes.join(",")))?;
-    for (index, (file, text)) in SCHEMA.iter().enumerate() {
-        let text = text
-            .replace("${keyspace}", &config.keyspace)
-            .replace("${datacenter}", &config.datacenter)
-            .replace("${replication_factor}", &config.replication_factor.to_string());
-        for statement in statements_of(&text) {
-            session
-                .query_unpaged(statement, ())
-                .await
-                .map_err(|err| format!("schema file {file} failed: {err}"))?;
-        }
-        if index == 0 {
-            session
-                .use_keyspace(&config.keyspace, false)
-                .await
-                .map_err(|err| format!("cannot use keyspace {}: {err}", config.keyspace))?;
-        }
-    }
-    Ok(())
-}
 
 /// The CQL [`Store`]. Cloning it is cheap: clones share the session and all state.
 #[derive(Clone)]
@@ -587,35 +353,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schema_files_split_into_statements() {
-        let statements =
-            statements_of("-- a; comment\nCREATE TABLE a (x int); -- trailing\n\nCREATE TABLE b (y int);\n");
-        assert_eq!(
-            statements,
-            vec!["CREATE TABLE a (x int)", "CREATE TABLE b (y int)"]
-        );
-        for (file, text) in SCHEMA {
-            assert!(!statements_of(text).is_empty(), "{file} has no statement");
-            for statement in statements_of(text) {
-                assert!(
-                    statement.contains("IF NOT EXISTS"),
-                    "{file}: not idempotent: {statement}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn consistency_names_round_trip() {
-        for (name, level) in CqlConsistency::NAMES {
-            assert_eq!(name.parse::<CqlConsistency>(), Ok(level));
-            assert_eq!(level.to_string(), name);
-        }
-        assert_eq!("LOCAL-QUORUM".parse(), Ok(CqlConsistency::LocalQuorum));
-        assert!("twice".parse::<CqlConsistency>().is_err());
-    }
-
-    #[test]
     fn session_ttls_stay_in_range() {
         let now = Timestamp(1_000_000_000_000);
         assert_eq!(session_ttl(Timestamp(0), now), SESSION_TTL_GRACE_SECS as i32);
@@ -624,20 +361,5 @@ mod tests {
             SESSION_TTL_GRACE_SECS as i32 + 1
         );
         assert_eq!(session_ttl(Timestamp(i64::MAX), now), MAX_TTL_SECS as i32);
-    }
-
-    #[test]
-    fn config_is_checked() {
-        assert!(CqlConfig::default().validate().is_ok());
-        let bad_keyspace = CqlConfig {
-            keyspace: "x; DROP".into(),
-            ..CqlConfig::default()
-        };
-        assert!(bad_keyspace.validate().is_err());
-        let bad_width = CqlConfig {
-            bucket_width_nanos: 0,
-            ..CqlConfig::default()
-        };
-        assert!(bad_width.validate().is_err());
     }
 }
