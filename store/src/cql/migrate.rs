@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::CqlConfig;
+use crate::OpenError;
 
 /// The schema files, applied in this order by [`migrate`]. The first creates the keyspace and
 /// has `${keyspace}`, `${datacenter}` and `${replication_factor}` substituted; the others run
@@ -45,8 +46,8 @@ fn statements_of(file: &str) -> Vec<String> {
 /// `IF NOT EXISTS`, so running it again is harmless; an existing keyspace keeps its replication
 /// settings. Run it from one process at a time (a deploy step, `chatoy migrate`): Cassandra can
 /// end up with conflicting table ids when two nodes create the same table concurrently.
-pub async fn migrate(config: &CqlConfig) -> Result<(), String> {
-    config.validate()?;
+pub async fn migrate(config: &CqlConfig) -> Result<(), OpenError> {
+    config.validate().map_err(OpenError::Config)?;
     // Schema changes wait for schema agreement after each statement; poll for it often, and
     // skip refreshing this short-lived session's metadata after every change.
     let session = config
@@ -55,7 +56,11 @@ pub async fn migrate(config: &CqlConfig) -> Result<(), String> {
         .refresh_metadata_on_auto_schema_agreement(false)
         .build()
         .await
-        .map_err(|err| format!("cannot connect to {}: {err}", config.nodes.join(",")))?;
+        .map_err(|err| OpenError::Connect {
+            nodes: config.nodes.join(","),
+            keyspace: None,
+            source: Box::new(err),
+        })?;
     for (index, (file, text)) in SCHEMA.iter().enumerate() {
         let text = text
             .replace("${keyspace}", &config.keyspace)
@@ -65,13 +70,19 @@ pub async fn migrate(config: &CqlConfig) -> Result<(), String> {
             session
                 .query_unpaged(statement, ())
                 .await
-                .map_err(|err| format!("schema file {file} failed: {err}"))?;
+                .map_err(|err| OpenError::Schema {
+                    file,
+                    source: Box::new(err),
+                })?;
         }
         if index == 0 {
             session
                 .use_keyspace(&config.keyspace, false)
                 .await
-                .map_err(|err| format!("cannot use keyspace {}: {err}", config.keyspace))?;
+                .map_err(|err| OpenError::UseKeyspace {
+                    keyspace: config.keyspace.clone(),
+                    source: Box::new(err),
+                })?;
         }
     }
     Ok(())
