@@ -113,6 +113,20 @@ pub enum OpenError {
         #[source]
         source: BoxError,
     },
+    /// The record of applied schema files could not be read or written.
+    #[error("cannot read or write the record of applied schema files (schema_migrations)")]
+    Record(#[source] BoxError),
+    /// The SQLite database records more schema files than this build knows: a newer Chatoy
+    /// wrote it.
+    #[error("{} has {applied} schema files applied but this build knows {known}: it was written by a newer Chatoy", path.display())]
+    NewerSchema {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// How many files the database records.
+        applied: i64,
+        /// How many this build has.
+        known: usize,
+    },
     /// The keyspace could not be used after it was created.
     #[error("cannot use keyspace {keyspace}")]
     UseKeyspace {

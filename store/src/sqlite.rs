@@ -19,7 +19,11 @@ use crate::{
     Fence, OpenError, PendingWrite, RoomBatch, Session, Store, StoreError, StoreResult, UserWithHash,
 };
 
-const SCHEMA: &str = include_str!("sqlite_schema.sql");
+/// The schema files, applied in this order, each once: the database's `user_version` counts the
+/// files applied. Add a file at the end; never edit or reorder a released one. A database created
+/// before the count was kept has `user_version` 0 and re-runs the first file once, which its
+/// `IF NOT EXISTS` statements make harmless.
+const SCHEMA: &[(&str, &str)] = &[("sqlite_schema.sql", include_str!("sqlite_schema.sql"))];
 /// Most writes grouped into one transaction.
 const MAX_GROUP: usize = 1024;
 
@@ -46,10 +50,12 @@ impl SqliteStore {
             source,
         })?;
         let path = config.data_dir.join("chatoy.db");
-        let writer_conn = open_writer(&path, config.busy_timeout).map_err(|source| OpenError::Sqlite {
-            path: path.clone(),
-            source,
-        })?;
+        let mut writer_conn =
+            open_writer(&path, config.busy_timeout).map_err(|source| OpenError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
+        migrate(&mut writer_conn, &path)?;
         let busy_ms = config.busy_timeout.as_millis() as u64;
         let manager = SqliteConnectionManager::file(&path).with_init(move |conn| {
             conn.busy_timeout(Duration::from_millis(busy_ms))?;
@@ -143,8 +149,34 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connecti
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.execute_batch(SCHEMA)?;
     Ok(conn)
+}
+
+/// Applies the files of [`SCHEMA`] the database has not recorded, each in a transaction with
+/// its record.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let sqlite = |source| OpenError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let applied: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sqlite)?;
+    if applied < 0 || applied as usize > SCHEMA.len() {
+        return Err(OpenError::NewerSchema {
+            path: path.to_owned(),
+            applied,
+            known: SCHEMA.len(),
+        });
+    }
+    for (index, (_, text)) in SCHEMA.iter().enumerate().skip(applied as usize) {
+        let tx = conn.transaction().map_err(sqlite)?;
+        tx.execute_batch(text).map_err(sqlite)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)
+            .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
+    }
+    Ok(())
 }
 
 fn unavailable(err: rusqlite::Error) -> StoreError {
