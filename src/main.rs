@@ -144,8 +144,7 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let store = SqliteStore::open(&SqliteConfig {
         data_dir: args.data_dir.clone(),
         busy_timeout: args.sqlite_busy_timeout,
-    })
-    .map_err(anyhow::Error::msg)?;
+    })?;
     let store: chatoy_store::DynStore = Arc::new(store);
     let bus: chatoy_bus::DynBus = Arc::new(InProcBus::new(args.partitions as usize));
     let router_stop = CancellationToken::new();
@@ -175,8 +174,7 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         registry,
         shutdown,
     )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     router_stop.cancel();
     router
         .await
@@ -202,9 +200,7 @@ async fn connect_cluster(
     let bus = NatsBus::connect(nats.config(name.to_owned()))
         .await
         .map_err(anyhow::Error::msg)?;
-    let store = CqlStore::connect(&cql.config(1))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let store = CqlStore::connect(&cql.config(1)).await?;
     Ok((Arc::new(bus), Arc::new(store)))
 }
 
@@ -235,8 +231,7 @@ async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
         registry,
         shutdown,
     )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     if layout.is_finished() {
         layout.await.context("the layout check failed")??;
     } else {
@@ -288,9 +283,7 @@ async fn router(args: RouterArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    chatoy_store::cql::migrate(&args.cql.config(args.replication_factor))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    chatoy_store::cql::migrate(&args.cql.config(args.replication_factor)).await?;
     tracing::info!(keyspace = %args.cql.keyspace, "schema is up to date");
     println!("migrated keyspace {}", args.cql.keyspace);
     Ok(())

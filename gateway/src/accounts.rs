@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::limit::Tracked;
+use crate::GatewayError;
 
 /// Hashing parameters and token lifetime.
 pub(crate) struct Accounts {
@@ -45,9 +46,8 @@ impl Accounts {
         token_ttl: Duration,
         concurrent_hashes: usize,
         hash_wait: Duration,
-    ) -> Result<Accounts, String> {
-        let params = Params::new(memory_kib, iterations, 1, None)
-            .map_err(|err| format!("invalid argon2 parameters: {err}"))?;
+    ) -> Result<Accounts, GatewayError> {
+        let params = Params::new(memory_kib, iterations, 1, None).map_err(GatewayError::Argon2Params)?;
         let mut accounts = Accounts {
             params,
             token_ttl,
@@ -55,7 +55,8 @@ impl Accounts {
             hashes: tokio::sync::Semaphore::new(concurrent_hashes.max(1)),
             hash_wait,
         };
-        accounts.dummy_hash = hash_with(accounts.params.clone(), "not a real password")?;
+        accounts.dummy_hash =
+            hash_with(accounts.params.clone(), "not a real password").map_err(GatewayError::DummyHash)?;
         Ok(accounts)
     }
 
@@ -68,13 +69,13 @@ impl Accounts {
     }
 
     /// Hashes a new password with argon2id, off the async runtime.
-    pub(crate) async fn hash_password(&self, password: String) -> Result<Result<String, String>, Busy> {
+    pub(crate) async fn hash_password(&self, password: String) -> Result<Result<String, HashError>, Busy> {
         let _permit = self.permit().await?;
         let params = self.params.clone();
         Ok(tokio::task::spawn_blocking(move || hash_with(params, &password))
             .await
-            .map_err(|err| err.to_string())
-            .and_then(|hashed| hashed))
+            .map_err(HashError::Task)
+            .and_then(|hashed| hashed.map_err(HashError::Hash)))
     }
 
     /// Checks a password against a stored hash (or the dummy hash when `hash` is `None`).
@@ -124,12 +125,22 @@ impl Accounts {
     }
 }
 
-fn hash_with(params: Params, password: &str) -> Result<String, String> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|err| err.to_string())?;
+/// Why a password could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HashError {
+    /// argon2 refused (a salt or parameter problem).
+    #[error("argon2 failed: {0}")]
+    Hash(argon2::password_hash::Error),
+    /// The blocking task that hashed panicked or was cancelled.
+    #[error("the hashing task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+fn hash_with(params: Params, password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())?;
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password(password.as_bytes(), &salt)
         .map(|hash| hash.to_string())
-        .map_err(|err| err.to_string())
 }
 
 /// Most usernames, and separately client addresses, whose failed logins are remembered: an

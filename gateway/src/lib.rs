@@ -57,6 +57,24 @@ pub(crate) struct Shared {
     health: Arc<Health>,
 }
 
+/// Why the gateway could not start. The cause is the source (`{:#}` in the binary prints both).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The argon2 flags make no valid parameter set.
+    /// (argon2's errors are not `std` errors, so the cause is part of the message.)
+    #[error("invalid argon2 parameters: {0}")]
+    Argon2Params(argon2::Error),
+    /// The dummy hash (compared against for unknown users) could not be computed.
+    #[error("cannot compute the dummy password hash: {0}")]
+    DummyHash(argon2::password_hash::Error),
+    /// The gateway's metrics could not be registered (a name registered twice).
+    #[error("cannot register the gateway's metrics")]
+    Metrics(#[source] prometheus::Error),
+    /// The bus refused the subscription to user events.
+    #[error("cannot subscribe to user events")]
+    UserEvents(#[source] chatoy_bus::BusError),
+}
+
 /// Serves HTTP and WebSockets on `listener` until `shutdown`, then drains: sockets get 1001
 /// and the call returns once they are gone or the drain timeout passed. The gateway's metrics
 /// are registered in `metrics`, and `/metrics` shows everything that registry holds (in the
@@ -68,7 +86,7 @@ pub async fn run(
     listener: TcpListener,
     metrics: prometheus::Registry,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), GatewayError> {
     let accounts = Accounts::new(
         config.argon2_memory_kib,
         config.argon2_iterations,
@@ -76,10 +94,7 @@ pub async fn run(
         config.max_concurrent_hashes,
         config.hash_wait,
     )?;
-    let metrics = Arc::new(
-        Metrics::new(bus.clone(), metrics)
-            .map_err(|err| format!("cannot register the gateway's metrics: {err}"))?,
-    );
+    let metrics = Arc::new(Metrics::new(bus.clone(), metrics).map_err(GatewayError::Metrics)?);
     let gateway_id = rand::random::<u64>();
     let registry = Registry::new(
         bus.clone(),
@@ -121,7 +136,7 @@ pub async fn run(
         .bus
         .subscribe_users()
         .await
-        .map_err(|err| err.to_string())?;
+        .map_err(GatewayError::UserEvents)?;
     let user_feed = tokio::spawn(shared.registry.clone().user_feed(users));
     let keepalive = tokio::spawn(
         shared

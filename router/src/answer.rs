@@ -90,8 +90,8 @@ pub(crate) async fn run(
             submitted,
         } = batch;
         let written = if progress.since(generation).is_some() {
-            Err(StoreError::Unavailable(
-                "an earlier write of this batch's generation failed".into(),
+            Err(StoreError::unavailable(
+                "an earlier write of this batch's generation failed",
             ))
         } else {
             match write {

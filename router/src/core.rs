@@ -9,7 +9,7 @@
 //! may have changed hands.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use chatoy_protocol::bus::MsgRequest;
@@ -52,7 +52,9 @@ struct Room {
 /// The sequencer of one partition's rooms; see the module documentation.
 #[derive(Debug)]
 pub(crate) struct Sequencer {
-    rooms: HashMap<u64, Room>,
+    /// The opened rooms, least recently used first out when trimmed (unbounded in between: a
+    /// room is forgotten only with nothing in flight, see [`Sequencer::trim`]).
+    rooms: lru::LruCache<u64, Room>,
     /// Every remembered uuid, oldest first, so that the oldest are forgotten first.
     order: VecDeque<(u64, Uuid)>,
     /// Most uuids remembered (in memory) across the partition's rooms.
@@ -63,7 +65,7 @@ impl Sequencer {
     /// A sequencer that remembers up to `capacity` uuids (at least one).
     pub(crate) fn new(capacity: usize) -> Sequencer {
         Sequencer {
-            rooms: HashMap::new(),
+            rooms: lru::LruCache::unbounded(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
         }
@@ -74,7 +76,7 @@ impl Sequencer {
         let mut rooms: Vec<u64> = batch
             .iter()
             .map(|request| request.room)
-            .filter(|room| !self.rooms.contains_key(room))
+            .filter(|room| !self.rooms.contains(room))
             .collect();
         rooms.sort_unstable();
         rooms.dedup();
@@ -83,7 +85,7 @@ impl Sequencer {
 
     /// Records a room opened in the store, with its newest `sent`.
     pub(crate) fn open(&mut self, room: u64, last: Option<Timestamp>) {
-        self.rooms.insert(
+        self.rooms.put(
             room,
             Room {
                 last: last.unwrap_or_default(),
@@ -97,7 +99,7 @@ impl Sequencer {
     pub(crate) fn unknown(&self, batch: &[&MsgRequest]) -> Vec<(u64, Vec<Uuid>)> {
         let mut unknown: Vec<(u64, Vec<Uuid>)> = Vec::new();
         for request in batch {
-            let Some(room) = self.rooms.get(&request.room) else {
+            let Some(room) = self.rooms.peek(&request.room) else {
                 continue;
             };
             if room.known.contains_key(&request.uuid) {
@@ -191,7 +193,7 @@ impl Sequencer {
             let Some((room, uuid)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(entry) = self.rooms.get_mut(&room) {
+            if let Some(entry) = self.rooms.peek_mut(&room) {
                 entry.known.remove(&uuid);
             }
         }
@@ -204,16 +206,21 @@ impl Sequencer {
         self.order.clear();
     }
 
-    /// Forgets rooms beyond `max_rooms`, those without remembered uuids first. Only call this
-    /// with nothing in flight: a room opened again must not miss a `sent` still being written.
+    /// Forgets the least recently used rooms beyond `max_rooms` (with their remembered uuids:
+    /// a retry of one is then recognised through the store lookup). Only call this with nothing
+    /// in flight: a room opened again must not miss a `sent` still being written.
     pub(crate) fn trim(&mut self, max_rooms: usize) {
         if self.rooms.len() <= max_rooms {
             return;
         }
-        self.rooms.retain(|_, room| !room.known.is_empty());
-        if self.rooms.len() > max_rooms {
-            self.reset();
+        let mut forgotten = HashSet::new();
+        while self.rooms.len() > max_rooms {
+            let Some((room, _)) = self.rooms.pop_lru() else {
+                break;
+            };
+            forgotten.insert(room);
         }
+        self.order.retain(|(room, _)| !forgotten.contains(room));
     }
 }
 
@@ -430,15 +437,31 @@ mod tests {
     }
 
     #[test]
-    fn trim_keeps_rooms_with_remembered_uuids() {
+    fn trim_forgets_the_least_recently_used_rooms_only() {
         let mut core = Sequencer::new(100);
-        core.open(1, None);
-        core.open(2, None);
-        core.open(3, None);
-        run(&mut core, &[request(1, 7, 1, "a")], 100);
-        core.trim(2);
-        let probe = [request(1, 7, 2, "b"), request(2, 7, 3, "c")];
+        for room in 1..=4 {
+            core.open(room, None);
+        }
+        // Rooms 1 and 3 are used after being opened; 2, then 4, are the least recently used.
+        run(&mut core, &[request(1, 7, 1, "a"), request(3, 7, 2, "b")], 100);
+        core.trim(3);
+        let probe = [
+            request(1, 7, 3, "c"),
+            request(2, 7, 4, "d"),
+            request(3, 7, 5, "e"),
+            request(4, 7, 6, "f"),
+        ];
         let refs: Vec<&MsgRequest> = probe.iter().collect();
         assert_eq!(core.unopened(&refs), vec![2]);
+        core.trim(2);
+        assert_eq!(core.unopened(&refs), vec![2, 4]);
+        // The rooms kept keep their uuids: a retry is still a duplicate.
+        assert_eq!(
+            run(&mut core, &[request(1, 7, 1, "a")], 200),
+            vec![Decision::Duplicate {
+                sent: Timestamp(100),
+                republish: false
+            }]
+        );
     }
 }

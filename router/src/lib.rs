@@ -36,7 +36,8 @@ pub struct RouterConfig {
     pub pipeline: usize,
     /// uuids one worker remembers, to answer retries without asking the store.
     pub remembered_uuids: usize,
-    /// Rooms one worker remembers; beyond this, idle ones are forgotten (and opened again).
+    /// Rooms one worker remembers; beyond this, the least recently used are forgotten (and
+    /// opened again when next used).
     pub remembered_rooms: usize,
     /// (room, user) memberships one worker remembers.
     pub remembered_members: usize,

@@ -27,7 +27,8 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 
 use crate::{
-    Fence, PendingWrite, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult, UserWithHash,
+    Fence, OpenError, PendingWrite, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult,
+    UserWithHash,
 };
 use exec::{lwt, read_all, read_one, write, CqlResult};
 use ids::IdAllocator;
@@ -62,27 +63,23 @@ pub struct CqlStore {
 impl CqlStore {
     /// Connects to the cluster and prepares every statement; fails if the keyspace or its
     /// tables are missing (run [`migrate`] first).
-    pub async fn connect(config: &CqlConfig) -> Result<CqlStore, String> {
-        config.validate()?;
+    pub async fn connect(config: &CqlConfig) -> Result<CqlStore, OpenError> {
+        config.validate().map_err(OpenError::Config)?;
         let session = config
             .session_builder()
             .use_keyspace(&config.keyspace, false)
             .build()
             .await
-            .map_err(|err| {
-                format!(
-                    "cannot connect to {} with keyspace {} (was it migrated?): {err}",
-                    config.nodes.join(","),
-                    config.keyspace
-                )
+            .map_err(|err| OpenError::Connect {
+                nodes: config.nodes.join(","),
+                keyspace: Some(config.keyspace.clone()),
+                source: Box::new(err),
             })?;
         let statements = Statements::prepare(&session, config.consistency.serial())
             .await
-            .map_err(|err| {
-                format!(
-                    "cannot prepare the store's statements (was {} migrated?): {err}",
-                    config.keyspace
-                )
+            .map_err(|err| OpenError::Prepare {
+                keyspace: config.keyspace.clone(),
+                source: Box::new(err),
             })?;
         Ok(CqlStore {
             session: Arc::new(session),

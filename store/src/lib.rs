@@ -18,6 +18,9 @@ pub use sqlite::{SqliteConfig, SqliteStore};
 /// A shared handle to whichever backend the process runs on.
 pub type DynStore = Arc<dyn Store>;
 
+/// A cause kept inside a store error: the driver's error, or a sentence when there is none.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What can go wrong in the store, in terms callers act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,12 +31,111 @@ pub enum StoreError {
     #[error("not found")]
     NotFound,
     /// The backend cannot answer now (busy, down, timed out); the caller may retry.
+    /// Its cause is shown in the message (logs print the message alone) and kept as the source.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
     /// A fenced write found its partition claimed by a newer writer: this writer is deposed and
     /// must not acknowledge anything of the write (see [`Store::submit`]).
     #[error("the partition was claimed by another writer")]
     Deposed,
+}
+
+impl StoreError {
+    /// An [`StoreError::Unavailable`] caused by `cause` (a driver error, or a sentence).
+    pub fn unavailable(cause: impl Into<BoxError>) -> StoreError {
+        StoreError::Unavailable(cause.into())
+    }
+}
+
+/// Why a store could not be opened, connected or migrated. Each message says what was being
+/// done; the driver's error is the source (`{:#}` in the binary prints both).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The configuration is unusable (no contact points, a bad keyspace name, ...).
+    #[error("{0}")]
+    Config(String),
+    /// The SQLite data directory could not be created.
+    #[error("cannot create data dir {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SQLite database could not be opened or its schema applied.
+    #[error("cannot open {}", path.display())]
+    Sqlite {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The SQLite readers' pool could not be started.
+    #[error("cannot open readers on {}", path.display())]
+    Readers {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: r2d2::Error,
+    },
+    /// The SQLite writer thread could not be started.
+    #[error("cannot start the writer thread")]
+    WriterThread(#[source] std::io::Error),
+    /// No CQL session could be opened (with the keyspace, for a store; without, to migrate).
+    #[error("cannot connect to {nodes}{}", keyspace.as_ref().map(|k| format!(" with keyspace {k} (was it migrated?)")).unwrap_or_default())]
+    Connect {
+        /// The contact points, comma-separated.
+        nodes: String,
+        /// The keyspace the session was to use, if any.
+        keyspace: Option<String>,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store's CQL statements could not be prepared.
+    #[error("cannot prepare the store's statements (was {keyspace} migrated?)")]
+    Prepare {
+        /// The keyspace.
+        keyspace: String,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A statement of a schema file failed.
+    #[error("schema file {file} failed")]
+    Schema {
+        /// The file's name.
+        file: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The record of applied schema files could not be read or written.
+    #[error("cannot read or write the record of applied schema files (schema_migrations)")]
+    Record(#[source] BoxError),
+    /// The SQLite database records more schema files than this build knows: a newer Chatoy
+    /// wrote it.
+    #[error("{} has {applied} schema files applied but this build knows {known}: it was written by a newer Chatoy", path.display())]
+    NewerSchema {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// How many files the database records.
+        applied: i64,
+        /// How many this build has.
+        known: usize,
+    },
+    /// The keyspace could not be used after it was created.
+    #[error("cannot use keyspace {keyspace}")]
+    UseKeyspace {
+        /// The keyspace.
+        keyspace: String,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// Shorthand for store results.

@@ -15,9 +15,15 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Fence, PendingWrite, RoomBatch, Session, Store, StoreError, StoreResult, UserWithHash};
+use crate::{
+    Fence, OpenError, PendingWrite, RoomBatch, Session, Store, StoreError, StoreResult, UserWithHash,
+};
 
-const SCHEMA: &str = include_str!("sqlite_schema.sql");
+/// The schema files, applied in this order, each once: the database's `user_version` counts the
+/// files applied. Add a file at the end; never edit or reorder a released one. A database created
+/// before the count was kept has `user_version` 0 and re-runs the first file once, which its
+/// `IF NOT EXISTS` statements make harmless.
+const SCHEMA: &[(&str, &str)] = &[("sqlite_schema.sql", include_str!("sqlite_schema.sql"))];
 /// Most writes grouped into one transaction.
 const MAX_GROUP: usize = 1024;
 
@@ -38,12 +44,18 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) `chatoy.db` in the data directory and starts the writer thread.
-    pub fn open(config: &SqliteConfig) -> Result<SqliteStore, String> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|err| format!("cannot create data dir {}: {err}", config.data_dir.display()))?;
+    pub fn open(config: &SqliteConfig) -> Result<SqliteStore, OpenError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
         let path = config.data_dir.join("chatoy.db");
-        let writer_conn = open_writer(&path, config.busy_timeout)
-            .map_err(|err| format!("cannot open {}: {err}", path.display()))?;
+        let mut writer_conn =
+            open_writer(&path, config.busy_timeout).map_err(|source| OpenError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
+        migrate(&mut writer_conn, &path)?;
         let busy_ms = config.busy_timeout.as_millis() as u64;
         let manager = SqliteConnectionManager::file(&path).with_init(move |conn| {
             conn.busy_timeout(Duration::from_millis(busy_ms))?;
@@ -53,12 +65,15 @@ impl SqliteStore {
             .max_size(8)
             .min_idle(Some(1))
             .build(manager)
-            .map_err(|err| format!("cannot open readers on {}: {err}", path.display()))?;
+            .map_err(|source| OpenError::Readers {
+                path: path.clone(),
+                source,
+            })?;
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(writer_conn, rx))
-            .map_err(|err| format!("cannot start the writer thread: {err}"))?;
+            .map_err(OpenError::WriterThread)?;
         Ok(SqliteStore { readers, writer: tx })
     }
 
@@ -69,13 +84,11 @@ impl SqliteStore {
     {
         let pool = self.readers.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let conn = pool
-                .get()
-                .map_err(|err| StoreError::Unavailable(err.to_string()))?;
+            let conn = pool.get().map_err(StoreError::unavailable)?;
             f(&conn).map_err(unavailable)
         })
         .await;
-        joined.map_err(|err| StoreError::Unavailable(err.to_string()))?
+        joined.map_err(StoreError::unavailable)?
     }
 
     /// Runs a point query (an index lookup touching a few pages) on the calling thread when a
@@ -120,10 +133,10 @@ impl SqliteStore {
         self.writer
             .send(job)
             .await
-            .map_err(|_| StoreError::Unavailable("the writer thread stopped".into()))?;
+            .map_err(|_| StoreError::unavailable("the writer thread stopped"))?;
         Ok(Box::pin(async move {
             rx.await
-                .map_err(|_| StoreError::Unavailable("the writer thread stopped".into()))?
+                .map_err(|_| StoreError::unavailable("the writer thread stopped"))?
         }))
     }
 }
@@ -136,12 +149,38 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connecti
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
 
+/// Applies the files of [`SCHEMA`] the database has not recorded, each in a transaction with
+/// its record.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let sqlite = |source| OpenError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let applied: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sqlite)?;
+    if applied < 0 || applied as usize > SCHEMA.len() {
+        return Err(OpenError::NewerSchema {
+            path: path.to_owned(),
+            applied,
+            known: SCHEMA.len(),
+        });
+    }
+    for (index, (_, text)) in SCHEMA.iter().enumerate().skip(applied as usize) {
+        let tx = conn.transaction().map_err(sqlite)?;
+        tx.execute_batch(text).map_err(sqlite)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)
+            .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
+    }
+    Ok(())
+}
+
 fn unavailable(err: rusqlite::Error) -> StoreError {
-    StoreError::Unavailable(err.to_string())
+    StoreError::unavailable(err)
 }
 
 /// One write waiting for the writer thread.
@@ -174,7 +213,7 @@ where
     fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
         let outcome = match (committed, self.result) {
             (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(StoreError::Unavailable("write did not run".into())),
+            (Ok(()), None) => Err(StoreError::unavailable("write did not run")),
             (Err(err), _) => Err(err),
         };
         // The caller may have given up waiting; that is fine.
@@ -192,14 +231,15 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
-        let committed = run_group(&conn, &mut jobs);
+        // Every job of a failed group gets the group's error as its cause.
+        let committed = run_group(&conn, &mut jobs).map_err(std::sync::Arc::new);
         if let Err(err) = &committed {
             tracing::warn!(cause = %err, writes = jobs.len(), "sqlite write group failed");
         }
         for job in jobs.drain(..) {
             let outcome = match &committed {
                 Ok(()) => Ok(()),
-                Err(err) => Err(StoreError::Unavailable(err.to_string())),
+                Err(err) => Err(StoreError::unavailable(err.clone())),
             };
             job.finish(outcome);
         }
@@ -284,7 +324,7 @@ fn write_batch(conn: &Connection, fence: Fence, batch: &[RoomBatch]) -> StoreRes
         .map_err(unavailable)?;
     for message in batch.iter().flat_map(|room| &room.messages) {
         let content = serde_json::to_string(&message.content)
-            .map_err(|err| StoreError::Unavailable(format!("cannot encode message content: {err}")))?;
+            .map_err(|err| StoreError::unavailable(format!("cannot encode message content: {err}")))?;
         insert
             .execute(params![
                 message.room as i64,

@@ -1,4 +1,5 @@
--- Chatoy's SQLite schema. Applied at every start; every statement is idempotent.
+-- Chatoy's SQLite schema, first file: applied once (user_version records it). Its statements
+-- are idempotent, since a database created before the record re-runs it once.
 
 CREATE TABLE IF NOT EXISTS users (
     id            INTEGER PRIMARY KEY,

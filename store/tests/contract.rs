@@ -10,8 +10,8 @@ use std::time::Duration;
 use chatoy_protocol::{MessageContent, Timestamp, MAX_ID};
 use chatoy_store::cql::migrate;
 use chatoy_store::{
-    CqlConfig, CqlStore, DynStore, Fence, NewMessage, RoomBatch, Session, SqliteConfig, SqliteStore,
-    StoreError, StoreResult,
+    CqlConfig, CqlStore, DynStore, Fence, NewMessage, OpenError, RoomBatch, Session, SqliteConfig,
+    SqliteStore, StoreError, StoreResult,
 };
 use futures_util::FutureExt;
 use scylla::client::session::Session as CqlSession;
@@ -514,7 +514,24 @@ async fn durable_across_reopen() {
         .await
         .unwrap();
     store_messages(&fresh.store, vec![message(room.id, user.id, 3, "kept")]).await;
-    let reopened = SqliteStore::open(&sqlite_config(fresh.dir.as_deref().unwrap())).unwrap();
+    let dir = fresh.dir.as_deref().unwrap();
+    let db = rusqlite::Connection::open(dir.join("chatoy.db")).unwrap();
+    let user_version = |db: &rusqlite::Connection| -> i64 {
+        db.pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap()
+    };
+    assert_eq!(user_version(&db), 1, "the schema file applied is recorded");
+    // A database written by a newer Chatoy is refused, not half-read.
+    db.pragma_update(None, "user_version", 99).unwrap();
+    match SqliteStore::open(&sqlite_config(dir)) {
+        Err(OpenError::NewerSchema { applied: 99, .. }) => {}
+        Err(other) => panic!("a newer database refused for the wrong reason: {other}"),
+        Ok(_) => panic!("a database with more schema files than this build knows was opened"),
+    }
+    // A database created before the record (no user_version) re-runs its schema once.
+    db.pragma_update(None, "user_version", 0).unwrap();
+    let reopened = SqliteStore::open(&sqlite_config(dir)).unwrap();
+    assert_eq!(user_version(&db), 1, "the upgrade is recorded");
     let history = chatoy_store::Store::history(&reopened, room.id, Timestamp(i64::MAX), 10)
         .await
         .unwrap();
@@ -528,7 +545,41 @@ async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
     let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = store.create_room("r", "", user.id, Timestamp(2)).await.unwrap();
     store_messages(&store, vec![message(room.id, user.id, 3, "kept")]).await;
+    let keyspace = &fresh.config.keyspace;
+    let recorded = || async {
+        fresh
+            .admin
+            .query_unpaged(format!("SELECT file FROM {keyspace}.schema_migrations"), ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows::<(String,)>()
+            .unwrap()
+            .map(|row| row.unwrap().0)
+            .collect::<Vec<_>>()
+    };
+    let files = recorded().await;
+    assert!(
+        files.len() >= 8 && files.iter().any(|file| file == "001_keyspace.cql"),
+        "{files:?}"
+    );
     migrate(&fresh.config).await.expect("migrate twice");
+    assert_eq!(
+        recorded().await.len(),
+        files.len(),
+        "a second migrate applies nothing new"
+    );
+    // A keyspace migrated before files were recorded has no record: migrate seeds it.
+    fresh
+        .admin
+        .query_unpaged(format!("DROP TABLE {keyspace}.schema_migrations"), ())
+        .await
+        .unwrap();
+    migrate(&fresh.config)
+        .await
+        .expect("migrate a keyspace without a record");
+    assert_eq!(recorded().await.len(), files.len(), "the record is seeded");
     let other: DynStore = Arc::new(CqlStore::connect(&fresh.config).await.unwrap());
     let history = other.history(room.id, Timestamp(i64::MAX), 10).await.unwrap();
     assert_eq!(history.len(), 1);

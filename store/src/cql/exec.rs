@@ -60,7 +60,7 @@ boxed_from!(
 
 impl From<CqlError> for StoreError {
     fn from(err: CqlError) -> Self {
-        StoreError::Unavailable(err.to_string())
+        StoreError::Unavailable(Box::new(err))
     }
 }
 

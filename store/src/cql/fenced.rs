@@ -178,7 +178,7 @@ impl CqlStore {
         match self.lanes.lock().lanes.get(&fence.partition) {
             Some(lane) if lane.epoch == fence.epoch => Ok(()),
             Some(_) => Err(StoreError::Deposed),
-            None => Err(StoreError::Unavailable(format!(
+            None => Err(StoreError::unavailable(format!(
                 "partition {} was not claimed by this process",
                 fence.partition
             ))),
@@ -193,7 +193,7 @@ impl CqlStore {
                 Some(lane) if lane.epoch == fence.epoch => lane,
                 Some(_) => return Err(StoreError::Deposed),
                 None => {
-                    return Err(StoreError::Unavailable(format!(
+                    return Err(StoreError::unavailable(format!(
                         "partition {} was not claimed by this process",
                         fence.partition
                     )))
@@ -205,7 +205,7 @@ impl CqlStore {
                     continue;
                 };
                 let through = lane.fenced_through.get_mut(&room).ok_or_else(|| {
-                    StoreError::Unavailable(format!("room {room} was not opened under this fence"))
+                    StoreError::unavailable(format!("room {room} was not opened under this fence"))
                 })?;
                 let fence_buckets = (*through + 1..=newest).collect();
                 *through = (*through).max(newest);
@@ -216,8 +216,8 @@ impl CqlStore {
                 });
             }
             if lane.batches >= MAX_BATCHES {
-                return Err(StoreError::Unavailable(
-                    "this claim wrote all the batches it can: claim again".into(),
+                return Err(StoreError::unavailable(
+                    "this claim wrote all the batches it can: claim again",
                 ));
             }
             lane.batches += 1;
@@ -229,7 +229,7 @@ impl CqlStore {
         let task = tokio::spawn(async move { store.write_batch(fence, k, plans, previous, done).await });
         Ok(Box::pin(async move {
             task.await
-                .map_err(|err| StoreError::Unavailable(format!("the write task failed: {err}")))?
+                .map_err(|err| StoreError::unavailable(format!("the write task failed: {err}")))?
         }))
     }
 
@@ -255,8 +255,8 @@ impl CqlStore {
         let _ = done.send(Some(rows.is_ok() && earlier));
         rows?;
         if !earlier {
-            return Err(StoreError::Unavailable(
-                "an earlier batch of this partition failed".into(),
+            return Err(StoreError::unavailable(
+                "an earlier batch of this partition failed",
             ));
         }
         let epoch = fence.epoch as i64;
