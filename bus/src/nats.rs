@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, PriorityPolicy};
 use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
-use async_nats::{Client, Event, HeaderMap};
+use async_nats::{Client, Event, HeaderMap, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
@@ -72,7 +72,11 @@ impl Drop for NatsBus {
 
 impl NatsBus {
     /// Connects (retrying in the background if NATS is not up yet) and starts the answer listener.
+    ///
+    /// `config.url` may list several servers, comma-separated: the client picks one at random
+    /// and, when it loses it, reconnects to any other (besides those the cluster announces).
     pub async fn connect(config: NatsConfig) -> Result<NatsBus, BusError> {
+        let servers = server_urls(&config.url)?;
         let (gaps, _) = broadcast::channel(16);
         let signal = gaps.clone();
         let client = async_nats::ConnectOptions::new()
@@ -97,10 +101,10 @@ impl NatsBus {
                     }
                 }
             })
-            .connect(config.url.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|err| {
-                BusError::Unavailable(format!("cannot connect to NATS at {}: {err}", config.url))
+                BusError::Unavailable(format!("cannot connect to NATS at {}: {err}", redacted(&servers)))
             })?;
         let gateway = rand::random::<u64>();
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<MsgReply>>>> = Arc::default();
@@ -171,6 +175,35 @@ impl NatsBus {
         );
         Ok(Subscription::new(Box::pin(events)))
     }
+}
+
+/// The servers of a `--nats-url` value: URLs separated by commas, blanks around them allowed.
+/// Errors name an entry by its position, never by its text (a URL may hold credentials).
+fn server_urls(urls: &str) -> Result<Vec<ServerAddr>, BusError> {
+    urls.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(at, url)| {
+            if url.is_empty() {
+                return Err(BusError::Unavailable(format!(
+                    "NATS server URL {} of the list is empty",
+                    at + 1
+                )));
+            }
+            url.parse::<ServerAddr>().map_err(|err| {
+                BusError::Unavailable(format!("NATS server URL {} of the list: {err}", at + 1))
+            })
+        })
+        .collect()
+}
+
+/// The servers as `host:port`, for messages (without any credentials).
+fn redacted(servers: &[ServerAddr]) -> String {
+    let hosts: Vec<String> = servers
+        .iter()
+        .map(|server| format!("{}:{}", server.host(), server.port()))
+        .collect();
+    hosts.join(",")
 }
 
 /// Longest wait for the round trip that makes a new subscription certain.
@@ -491,5 +524,32 @@ impl WorkSource for NatsWork {
         }
         out.extend(messages.into_iter().filter_map(|message| self.work(message)));
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_every_server() {
+        let servers =
+            server_urls("nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224").expect("parses");
+        assert_eq!(redacted(&servers), "127.0.0.1:4222,127.0.0.1:4223,127.0.0.1:4224");
+        let one = server_urls("nats://user:secret@nats:4222").expect("parses");
+        assert_eq!(redacted(&one), "nats:4222", "credentials stay out of messages");
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_position() {
+        let err = server_urls("nats://a:4222,,nats://b:4222")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("URL 2 of the list is empty"), "{err}");
+        let err = server_urls("nats://user:secret@a:4222,nats://b:notaport")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("URL 2 of the list"), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

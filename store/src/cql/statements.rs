@@ -1,7 +1,8 @@
 //! Every CQL statement the backend runs, prepared once when it connects.
 //!
 //! The statements name tables without a keyspace: the session is bound to the configured one.
-//! Plain writes are upserts and marked idempotent so that the driver may retry them; lightweight
+//! Reads and plain writes (upserts) are marked idempotent, so that the driver retries them on
+//! another node when a node's connection breaks under them (a node that dies); lightweight
 //! transactions are not.
 
 use scylla::client::session::Session;
@@ -89,8 +90,14 @@ impl Statements {
         let prepare = |cql: String, kind: Kind| async move {
             let mut statement = session.prepare(cql).await?;
             match kind {
-                Kind::Read => statement.set_page_size(PAGE_SIZE),
-                Kind::SerialRead(consistency) => statement.set_consistency(consistency),
+                Kind::Read => {
+                    statement.set_page_size(PAGE_SIZE);
+                    statement.set_is_idempotent(true);
+                }
+                Kind::SerialRead(consistency) => {
+                    statement.set_consistency(consistency);
+                    statement.set_is_idempotent(true);
+                }
                 Kind::Write => statement.set_is_idempotent(true),
                 Kind::Lwt(serial) => statement.set_serial_consistency(Some(serial)),
             }
