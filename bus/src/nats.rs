@@ -13,6 +13,7 @@
 //!   every subscription, so gateways backfill from the store.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,6 +207,79 @@ fn redacted(servers: &[ServerAddr]) -> String {
     hosts.join(",")
 }
 
+/// A request as published, to publish again when its acknowledgement or its answer was lost.
+///
+/// Safe because the sequencer owns idempotency: a uuid it already stored is answered with its
+/// first `sent`, exactly as when a client resends it (which is what this spares the client).
+struct Republish {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+type AckWait = futures_util::future::BoxFuture<
+    'static,
+    Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>,
+>;
+
+impl Republish {
+    async fn publish(&self) -> Result<AckWait, BusError> {
+        let stored = self
+            .jetstream
+            .publish_with_headers(self.subject.clone(), self.headers.clone(), self.payload.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::pin(stored.into_future()))
+    }
+
+    /// Waits for the answer (the caller bounds the wait). The stream's acknowledgement means
+    /// the bus holds the request durably; without it (the server went away, the stream is
+    /// electing a leader) the request is published again after a pause. A reconnect may have
+    /// lost the answer, so it is published again then too.
+    async fn answer(
+        &self,
+        stored: async_nats::jetstream::context::PublishAckFuture,
+        mut rx: oneshot::Receiver<MsgReply>,
+        mut gaps: broadcast::Receiver<()>,
+    ) -> Result<MsgReply, BusError> {
+        let mut ack: Option<AckWait> = Some(Box::pin(stored.into_future()));
+        let mut pause = REPUBLISH_PAUSE;
+        let mut watching = true;
+        loop {
+            let waiting = async {
+                match ack.as_mut() {
+                    Some(wait) => Some(wait.await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                answer = &mut rx => {
+                    return answer.map_err(|_| BusError::Unavailable("answer channel closed".into()));
+                }
+                acked = waiting => match acked {
+                    Some(Ok(_)) | None => ack = None,
+                    Some(Err(err)) => {
+                        tracing::debug!(cause = %err, "no stream acknowledgement: publishing again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REPUBLISH_PAUSE_MAX);
+                        ack = Some(self.publish().await?);
+                    }
+                },
+                gap = gaps.recv(), if watching => match gap {
+                    Err(broadcast::error::RecvError::Closed) => watching = false,
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => ack = Some(self.publish().await?),
+                },
+            }
+        }
+    }
+}
+
+/// The first pause before publishing a request again; it doubles up to the maximum.
+const REPUBLISH_PAUSE: Duration = Duration::from_millis(50);
+const REPUBLISH_PAUSE_MAX: Duration = Duration::from_millis(800);
+
 /// Longest wait for the round trip that makes a new subscription certain.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -269,15 +343,19 @@ impl Bus for NatsBus {
         // Returns once the message is queued on this connection, so submissions keep their order.
         let stored = self
             .jetstream
-            .publish_with_headers(subject, headers, payload)
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
             .await
             .map_err(unavailable)?;
+        let again = Republish {
+            jetstream: self.jetstream.clone(),
+            subject,
+            headers,
+            payload,
+        };
+        let gaps = self.gaps.subscribe();
         Ok(Box::pin(async move {
             let _guard = guard;
-            // The stream's acknowledgement means the bus holds the message durably.
-            stored.await.map_err(unavailable)?;
-            rx.await
-                .map_err(|_| BusError::Unavailable("answer channel closed".into()))
+            again.answer(stored, rx, gaps).await
         }))
     }
 
