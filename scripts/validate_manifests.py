@@ -62,6 +62,12 @@ def read_roles():
 
 
 ROLES = read_roles()
+# The production topology as deploy/local/cluster up --ha runs it on one machine: the manifests
+# must have the same shape (KEY=VALUE lines).
+LOCAL_HA = dict(
+    line.strip().split("=", 1) for line in Path("deploy/local/ha.env").read_text().splitlines()
+    if line.strip() and not line.lstrip().startswith("#")
+)
 METRIC_SOURCE = Path("gateway/src/metrics.rs").read_text() + Path("router/src/metrics.rs").read_text()
 KNOWN_METRICS = set(re.findall(r'"(chatoy_[a-z_]+)"', METRIC_SOURCE))
 
@@ -341,7 +347,12 @@ class Overlay:
             if not url or not any(s["metadata"]["name"] == url.group(1) and any(str(p["port"]) == url.group(2) for p in s["spec"]["ports"])
                                   for s in services.values()):
                 self.fail("CHATOY_NATS_URL", f"{config.get('CHATOY_NATS_URL')} is not a port of a NATS Service in the manifests")
-            self.say(f"NATS: {servers} servers, work stream at {stream} replicas, routes to each, disruption budget within quorum")
+            local = (int(LOCAL_HA["HA_NATS_SERVERS"]), int(LOCAL_HA["CHATOY_NATS_REPLICAS"]))
+            if (servers, stream) != local:
+                self.fail(where, f"{servers} servers with the work stream at {stream} replicas, but the local HA topology "
+                                 f"(deploy/local/ha.env) runs {local[0]} with {local[1]}")
+            self.say(f"NATS: {servers} servers, work stream at {stream} replicas, routes to each, disruption budget within quorum, "
+                     "as in deploy/local/ha.env")
         for scylla in self.by_kind.get("ScyllaCluster", {}).values():
             where = f"ScyllaCluster/{scylla['metadata']['name']}"
             datacenter = scylla["spec"]["datacenter"]
@@ -368,6 +379,11 @@ class Overlay:
                     self.fail("CHATOY_CONSISTENCY", f"{level} with replication factor {rf}: a read of {need} replica(s) may miss an acknowledged write to {need}")
                 if rf >= 3 and need > rf - 1:
                     self.fail("CHATOY_CONSISTENCY", f"{level} with replication factor {rf}: one member down stops reads and writes")
+                local_rf, local_level = int(LOCAL_HA["CHATOY_REPLICATION_FACTOR"]), LOCAL_HA["CHATOY_CONSISTENCY"]
+                local = (int(LOCAL_HA["HA_CQL_NODES"]), local_rf, replicas_needed(local_level, local_rf))
+                if (members, rf, need) != local:
+                    self.fail(here, f"{members} members, RF {rf}, {level} waiting for {need} replicas, but the local HA topology "
+                                    f"(deploy/local/ha.env) runs {local[0]} nodes, RF {local_rf}, {local_level} waiting for {local[2]}")
                 self.say(f"ScyllaDB: {members} members in {datacenter['name']}, keyspace RF {rf}, {level} "
                          f"({need} of {rf} replicas: reads see acknowledged writes, one member may be down)")
 
@@ -465,6 +481,14 @@ SELF_TESTS = [
     ("consistency one with replication factor 3",
      lambda docs: find(docs, "ConfigMap", "chatoy")["data"].update(CHATOY_CONSISTENCY="one"),
      "may miss an acknowledged write"),
+    ("NATS servers and stream replicas other than the local HA topology's",
+     lambda docs: (find(docs, "StatefulSet", "nats")["spec"].update(replicas=5),
+                   find(docs, "ConfigMap", "chatoy")["data"].update(CHATOY_NATS_REPLICAS="5")),
+     "but the local HA topology (deploy/local/ha.env) runs 3 with 3"),
+    ("a replication factor other than the local HA topology's",
+     lambda docs: find(docs, "Job", "chatoy-migrate")["spec"]["template"]["spec"]["containers"][0].update(
+         args=["migrate", "--replication-factor", "2"]),
+     "but the local HA topology (deploy/local/ha.env) runs 3 nodes, RF 3"),
     ("the routers' partitions not the gateways'",
      lambda docs: find(docs, "ConfigMap", "chatoy-router")["data"].update(CHATOY_PARTITIONS="8"),
      "CHATOY_PARTITIONS: gateways, routers and the migrate Job must agree"),

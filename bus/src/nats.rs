@@ -13,6 +13,7 @@
 //!   every subscription, so gateways backfill from the store.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +24,15 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::{Client, Event, HeaderMap, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
-use chatoy_protocol::backoff::Backoff;
 use chatoy_protocol::bus::{MsgReply, MsgRequest, RoomEvent, UserEvent};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{Bus, BusError, Delivery, PendingReply, Responder, Subscription, Work, WorkSource};
+use crate::{Bus, BusError, Delivery, PendingReply, Subscription, WorkSource};
+
+mod work;
+use work::NatsWork;
 
 /// The work stream's metadata key holding the number of partitions it was laid out for.
 const PARTITIONS_KEY: &str = "chatoy_partitions";
@@ -249,6 +252,79 @@ fn redacted(servers: &[ServerAddr]) -> String {
     hosts.join(",")
 }
 
+/// A request as published, to publish again when its acknowledgement or its answer was lost.
+///
+/// Safe because the sequencer owns idempotency: a uuid it already stored is answered with its
+/// first `sent`, exactly as when a client resends it (which is what this spares the client).
+struct Republish {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+type AckWait = futures_util::future::BoxFuture<
+    'static,
+    Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>,
+>;
+
+impl Republish {
+    async fn publish(&self) -> Result<AckWait, BusError> {
+        let stored = self
+            .jetstream
+            .publish_with_headers(self.subject.clone(), self.headers.clone(), self.payload.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Box::pin(stored.into_future()))
+    }
+
+    /// Waits for the answer (the caller bounds the wait). The stream's acknowledgement means
+    /// the bus holds the request durably; without it (the server went away, the stream is
+    /// electing a leader) the request is published again after a pause. A reconnect may have
+    /// lost the answer, so it is published again then too.
+    async fn answer(
+        &self,
+        stored: async_nats::jetstream::context::PublishAckFuture,
+        mut rx: oneshot::Receiver<MsgReply>,
+        mut gaps: broadcast::Receiver<()>,
+    ) -> Result<MsgReply, BusError> {
+        let mut ack: Option<AckWait> = Some(Box::pin(stored.into_future()));
+        let mut pause = REPUBLISH_PAUSE;
+        let mut watching = true;
+        loop {
+            let waiting = async {
+                match ack.as_mut() {
+                    Some(wait) => Some(wait.await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                answer = &mut rx => {
+                    return answer.map_err(|_| BusError::Unavailable("answer channel closed".into()));
+                }
+                acked = waiting => match acked {
+                    Some(Ok(_)) | None => ack = None,
+                    Some(Err(err)) => {
+                        tracing::debug!(cause = %err, "no stream acknowledgement: publishing again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REPUBLISH_PAUSE_MAX);
+                        ack = Some(self.publish().await?);
+                    }
+                },
+                gap = gaps.recv(), if watching => match gap {
+                    Err(broadcast::error::RecvError::Closed) => watching = false,
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => ack = Some(self.publish().await?),
+                },
+            }
+        }
+    }
+}
+
+/// The first pause before publishing a request again; it doubles up to the maximum.
+const REPUBLISH_PAUSE: Duration = Duration::from_millis(50);
+const REPUBLISH_PAUSE_MAX: Duration = Duration::from_millis(800);
+
 /// Longest wait for the round trip that makes a new subscription certain.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -312,15 +388,19 @@ impl Bus for NatsBus {
         // Returns once the message is queued on this connection, so submissions keep their order.
         let stored = self
             .jetstream
-            .publish_with_headers(subject, headers, payload)
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
             .await
             .map_err(unavailable)?;
+        let again = Republish {
+            jetstream: self.jetstream.clone(),
+            subject,
+            headers,
+            payload,
+        };
+        let gaps = self.gaps.subscribe();
         Ok(Box::pin(async move {
             let _guard = guard;
-            // The stream's acknowledgement means the bus holds the message durably.
-            stored.await.map_err(unavailable)?;
-            rx.await
-                .map_err(|_| BusError::Unavailable("answer channel closed".into()))
+            again.answer(stored, rx, gaps).await
         }))
     }
 
@@ -347,13 +427,13 @@ impl Bus for NatsBus {
                 )
                 .await
                 .map_err(unavailable)?;
-            sources.push(Box::new(NatsWork {
+            let expires = (self.config.failover_timeout / 3).max(Duration::from_millis(500));
+            sources.push(Box::new(NatsWork::new(
                 consumer,
-                puller: None,
-                client: self.client.clone(),
-                expires: (self.config.failover_timeout / 3).max(Duration::from_millis(500)),
+                self.client.clone(),
+                expires,
                 partition,
-            }));
+            )));
         }
         Ok(sources)
     }
@@ -405,162 +485,6 @@ impl Bus for NatsBus {
             .connects
             .load(std::sync::atomic::Ordering::Relaxed);
         connects.saturating_sub(1)
-    }
-}
-
-/// One partition's pull stream in the `routers` priority group.
-///
-/// A task keeps pulling while the router works on a batch: the server keeps a partition pinned
-/// to a router only while that router sends pull requests, and a batch that takes longer than
-/// the failover timeout (a slow store) must not hand the rooms to a second sequencer meanwhile.
-struct NatsWork {
-    consumer: async_nats::jetstream::consumer::PullConsumer,
-    puller: Option<Puller>,
-    client: Client,
-    expires: Duration,
-    partition: u32,
-}
-
-/// The pulling task and what it pulled.
-struct Puller {
-    incoming: tokio::sync::mpsc::Receiver<async_nats::jetstream::Message>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for NatsWork {
-    fn drop(&mut self) {
-        // Pulled but never worked on (a router shutting down): hand back at once rather than
-        // after the ack wait.
-        self.stop_puller();
-    }
-}
-
-impl NatsWork {
-    /// Stops pulling and hands back (NAK) what was pulled but not taken.
-    fn stop_puller(&mut self) {
-        let Some(mut puller) = self.puller.take() else {
-            return;
-        };
-        puller.task.abort();
-        let mut unworked = Vec::new();
-        while let Ok(message) = puller.incoming.try_recv() {
-            unworked.push(message);
-        }
-        if !unworked.is_empty() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    for message in unworked {
-                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-                    }
-                });
-            }
-        }
-    }
-
-    fn start_puller(&self, max: usize) -> Puller {
-        let (tx, incoming) = tokio::sync::mpsc::channel(max * 2);
-        let consumer = self.consumer.clone();
-        let (expires, partition) = (self.expires, self.partition);
-        let task = tokio::spawn(async move {
-            let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-            loop {
-                let opened = consumer
-                    .stream()
-                    .group(PRIORITY_GROUP)
-                    .max_messages_per_batch(max)
-                    .expires(expires)
-                    .heartbeat(expires / 2)
-                    .messages()
-                    .await;
-                let mut messages = match opened {
-                    Ok(messages) => messages,
-                    Err(err) => {
-                        tracing::warn!(cause = %err, partition, "cannot pull; retrying");
-                        tokio::time::sleep(retry.next_delay()).await;
-                        continue;
-                    }
-                };
-                retry.reset();
-                while let Some(next) = messages.next().await {
-                    match next {
-                        Ok(message) => {
-                            if tx.send(message).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(err) => tracing::debug!(cause = %err, partition, "pull error"),
-                    }
-                }
-            }
-        })
-        .abort_handle();
-        Puller { incoming, task }
-    }
-
-    fn work(&self, message: async_nats::jetstream::Message) -> Option<Work> {
-        let reply = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(REPLY_HEADER))
-            .map(|value| value.as_str().to_owned());
-        let enqueued = message
-            .info()
-            .ok()
-            .map(|info| std::time::SystemTime::from(info.published));
-        match serde_json::from_slice::<MsgRequest>(&message.payload) {
-            Ok(request) => Some(Work {
-                request,
-                enqueued,
-                responder: Responder::Nats {
-                    client: self.client.clone(),
-                    reply,
-                    message: Box::new(message),
-                },
-            }),
-            Err(err) => {
-                tracing::warn!(cause = %err, partition = self.partition, "dropping an undecodable msg");
-                tokio::spawn(async move {
-                    let _ = message.ack().await;
-                });
-                None
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl WorkSource for NatsWork {
-    fn partition(&self) -> u32 {
-        self.partition
-    }
-
-    async fn release(&mut self) {
-        // The next `next_batch` pulls again; the server gives it work only if this router holds
-        // the partition's pin.
-        self.stop_puller();
-    }
-
-    async fn next_batch(&mut self, max: usize, out: &mut Vec<Work>) -> bool {
-        let max = max.max(1);
-        if self.puller.is_none() {
-            self.puller = Some(self.start_puller(max));
-        }
-        let Some(puller) = self.puller.as_mut() else {
-            return false;
-        };
-        let Some(first) = puller.incoming.recv().await else {
-            return false;
-        };
-        let mut messages = vec![first];
-        // Take whatever else is already here, without waiting.
-        while messages.len() < max {
-            match puller.incoming.try_recv() {
-                Ok(message) => messages.push(message),
-                Err(_) => break,
-            }
-        }
-        out.extend(messages.into_iter().filter_map(|message| self.work(message)));
-        true
     }
 }
 

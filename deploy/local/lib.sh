@@ -17,31 +17,37 @@ mkdir -p "$RUN_DIR" "$CACHE_DIR"
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# A TCP port on 127.0.0.1 that nothing listens on right now.
-# A free port on 127.0.0.1 below the kernel's ephemeral range: an outgoing connection never takes
-# such a port, so a service restarted on its old port finds it free (a client reconnecting to a
-# stopped service's ephemeral-range port can end up connected to itself, holding the port).
+# free_port [ADDRESS...]: a TCP port free on every ADDRESS (default 127.0.0.1), below the
+# kernel's ephemeral range: an outgoing connection never takes such a port, so a service
+# restarted on its old port finds it free (a client reconnecting to a stopped service's
+# ephemeral-range port can end up connected to itself, holding the port).
 free_port() {
-  python3 - <<'PY'
-import random, socket
+  python3 - "${@:-127.0.0.1}" <<'PY'
+import random, socket, sys
+addresses = sys.argv[1:]
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-for _ in range(500):
-    port = random.randint(10000, low - 1) if low > 11000 else 0
+def free(address, port):
     s = socket.socket()
     try:
-        s.bind(("127.0.0.1", port))
-        print(s.getsockname()[1])
-        break
+        s.bind((address, port))
+        return s.getsockname()[1]
     except OSError:
-        continue
+        return None
     finally:
         s.close()
+for _ in range(500):
+    port = random.randint(10000, low - 1) if low > 11000 else 0
+    port = free(addresses[0], port)
+    if port and all(free(address, port) for address in addresses[1:]):
+        print(port)
+        break
 else:
-    raise SystemExit("no free port on 127.0.0.1")
+    raise SystemExit("no port free on " + ", ".join(addresses))
 PY
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# port_open PORT [ADDRESS]: whether something accepts connections there (default 127.0.0.1).
+port_open() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 
 # wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.5 s.
 wait_for() {
@@ -71,5 +77,16 @@ stop_pid() {
       kill -KILL "$pid" 2>/dev/null || true
     fi
   fi
+  rm -f "$file"
+}
+
+# kill_pid PIDFILE: SIGKILL that pid and wait until it is gone (its ports closed); only that pid.
+kill_pid() {
+  local file=$1 pid
+  pid=$(cat "$file")
+  kill -KILL "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 10))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.05; done
+  kill -0 "$pid" 2>/dev/null && die "pid $pid still runs 10 s after SIGKILL"
   rm -f "$file"
 }

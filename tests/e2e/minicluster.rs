@@ -1,6 +1,7 @@
 //! A private Chatoy cluster for one test, on the shared NATS and Cassandra the test command
-//! started (`CHATOY_NATS_URL`, `CHATOY_CQL_NODES`): a fresh keyspace migrated with RF 1, a fresh
-//! NATS prefix, routers and gateways as real `chatoy` processes, and a private HAProxy in front
+//! started (`CHATOY_NATS_URL`, `CHATOY_CQL_NODES`) or on other services the test names (the
+//! fault suite's HA back end): a fresh keyspace migrated with the services' replication factor
+//! (RF 1 on the shared node), a fresh NATS prefix, routers and gateways as real `chatoy` processes, and a private HAProxy in front
 //! of the gateways (`deploy/local/haproxy` with its own `CHATOY_RUN_DIR`). Every process is
 //! started with explicit flags and with no inherited `CHATOY_*` variable but `CHATOY_LOG`.
 //! Dropping the cluster kills them all, stops the HAProxy and gives back what it took of the
@@ -22,13 +23,18 @@ pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long any process may take to start (Cassandra answers slowly on a busy machine).
 const START_LIMIT: Duration = Duration::from_secs(60);
 
-/// The shared services of the test command, from the environment.
+/// The NATS and CQL services a cluster runs on: by default the shared ones of the test command,
+/// from the environment.
 #[derive(Debug, Clone)]
 pub(crate) struct Services {
-    /// `CHATOY_NATS_URL`.
+    /// `CHATOY_NATS_URL` (one URL or several, comma-separated).
     pub(crate) nats_url: String,
-    /// `CHATOY_CQL_NODES`.
+    /// `CHATOY_CQL_NODES` (one node or several, comma-separated).
     pub(crate) cql_nodes: String,
+    /// The replication factor keyspaces are migrated with (1 on the shared node).
+    pub(crate) replication_factor: u32,
+    /// Flags every router and gateway gets on these services (`--consistency`, ...).
+    pub(crate) flags: Vec<String>,
 }
 
 impl Services {
@@ -51,6 +57,8 @@ impl Services {
         Services {
             nats_url: var("CHATOY_NATS_URL"),
             cql_nodes: var("CHATOY_CQL_NODES"),
+            replication_factor: 1,
+            flags: Vec::new(),
         }
     }
 }
@@ -68,6 +76,8 @@ pub(crate) struct Spec {
     pub(crate) nats_url: Option<String>,
     /// Gateways (1-based) that reach NATS at another URL (a proxy a test can cut).
     pub(crate) gateway_nats: Vec<(usize, String)>,
+    /// Other services than the shared ones.
+    pub(crate) services: Option<Services>,
 }
 
 impl Spec {
@@ -79,7 +89,14 @@ impl Spec {
             gateway_flags: flags.iter().map(|flag| flag.to_string()).collect(),
             nats_url: None,
             gateway_nats: Vec::new(),
+            services: None,
         }
+    }
+
+    /// Runs on `services` instead of the shared ones.
+    pub(crate) fn services(mut self, services: Services) -> Spec {
+        self.services = Some(services);
+        self
     }
 
     /// Every process uses the NATS at `url` instead of the shared one.
@@ -95,7 +112,8 @@ impl Spec {
     }
 }
 
-/// Runs `chatoy migrate` for `keyspace` with RF 1; returns its exit status and output.
+/// Runs `chatoy migrate` for `keyspace` with the services' replication factor; returns its exit
+/// status and output.
 pub(crate) async fn migrate(services: &Services, keyspace: &str, log: &Path) -> (ExitStatus, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
     command.args([
@@ -103,7 +121,7 @@ pub(crate) async fn migrate(services: &Services, keyspace: &str, log: &Path) -> 
         "--keyspace",
         keyspace,
         "--replication-factor",
-        "1",
+        &services.replication_factor.to_string(),
         "--cql-nodes",
         &services.cql_nodes,
     ]);
@@ -149,7 +167,7 @@ impl Cluster {
     /// Migrates a fresh keyspace, then starts the routers, the gateways and the HAProxy, and
     /// returns once every gateway answers through it.
     pub(crate) async fn start(spec: Spec) -> Cluster {
-        let services = Services::from_env();
+        let services = spec.services.clone().unwrap_or_else(Services::from_env);
         let keyspace = format!("e2e_{}", random_hex(12));
         let log = std::env::temp_dir().join(format!("chatoy-migrate-{keyspace}.log"));
         let (status, output) = migrate(&services, &keyspace, &log).await;
@@ -167,7 +185,7 @@ impl Cluster {
     /// Starts the processes of `spec` on an already migrated keyspace, with a fresh NATS
     /// prefix. The keyspace is dropped with the cluster.
     pub(crate) async fn start_on(keyspace: &str, spec: Spec) -> Cluster {
-        let mut services = Services::from_env();
+        let mut services = spec.services.unwrap_or_else(Services::from_env);
         if let Some(url) = &spec.nats_url {
             services.nats_url = url.clone();
         }
@@ -225,6 +243,7 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.services.flags.iter().cloned())
         .collect()
     }
 
@@ -355,6 +374,11 @@ impl Cluster {
     /// Gateway `n` itself, bypassing the HAProxy.
     pub(crate) fn gateway_url(&self, n: usize) -> String {
         format!("http://127.0.0.1:{}", self.gateways[n - 1].port())
+    }
+
+    /// How many routers the cluster has (running or not).
+    pub(crate) fn router_count(&self) -> usize {
+        self.routers.len()
     }
 
     /// How many gateways the cluster has (running or not).
@@ -515,13 +539,30 @@ impl Drop for Cluster {
         }
         // The shared services outlive the test: give back what it took there. A keyspace costs
         // the single Cassandra node heap for as long as it exists (a few dozen exhaust 1 GB).
-        if let Err(err) = drop_keyspace(&self.services.cql_nodes, &self.keyspace) {
+        // Any node or server will do (one of several may be down after a fault).
+        let subject = format!("{}.msg.>", self.prefix);
+        if let Err(err) = on_any(&self.services.cql_nodes, |node| {
+            drop_keyspace(node, &self.keyspace)
+        }) {
             eprintln!("could not drop keyspace {}: {err}", self.keyspace);
         }
-        if let Err(err) = delete_streams(&self.services.nats_url, &format!("{}.msg.>", self.prefix)) {
+        if let Err(err) = on_any(&self.services.nats_url, |url| delete_streams(url, &subject)) {
             eprintln!("could not delete the NATS streams of {}: {err}", self.prefix);
         }
     }
+}
+
+/// Runs `action` on each entry of a comma-separated list until one succeeds; the last error
+/// if none does.
+fn on_any(list: &str, action: impl Fn(&str) -> Result<(), String>) -> Result<(), String> {
+    let mut last = Err(format!("the list {list:?} is empty"));
+    for entry in list.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+        last = action(entry);
+        if last.is_ok() {
+            break;
+        }
+    }
+    last
 }
 
 /// `DROP KEYSPACE IF EXISTS` through a minimal CQL v4 exchange (STARTUP, QUERY), blocking.

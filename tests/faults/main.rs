@@ -2,6 +2,9 @@
 //! gateways and routers, a NATS restart, a gateway cut from NATS, a rolling restart and a
 //! Cassandra outage. Needs the shared Cassandra of the test command (`CHATOY_CQL_NODES`,
 //! `CHATOY_SERVICES_RUN_DIR`); starts its own nats-server. See `suite.rs`.
+//!
+//! The HA pass (issue 13, `ha.rs`): the same load and checker on three NATS servers and three
+//! CQL nodes of its own, losing one (or one of each) at a time.
 
 // The end-to-end fixtures; the suite uses only part of them.
 #[allow(dead_code)]
@@ -12,5 +15,6 @@ mod harness;
 mod minicluster;
 
 mod client;
+mod ha;
 mod proxy;
 mod suite;

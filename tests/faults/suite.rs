@@ -4,7 +4,8 @@
 //! one table row per fault and fails if any row lost or duplicated anything.
 //!
 //! `CHATOY_FAULTS=kill-router,restart-nats` runs only those faults; `CHATOY_FAULT_LOAD_SECS`
-//! (default 4) is how long the load runs before the fault and again after it heals.
+//! (default 4) is how long the load runs before the fault and again after it heals. The same
+//! load and checker run on the HA back end in `ha.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -14,9 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::{self, Control, Member, MemberSpec, Seen};
+use crate::ha::HaBackend;
 use crate::harness::{run_command, Api, TempDir};
 use crate::minicluster::{Cluster, Spec, FAILOVER_TIMEOUT};
 use crate::proxy::TcpProxy;
+
+/// Held by each suite while it runs: the two never share the machine.
+pub(crate) static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ROOMS: usize = 4;
 const SENDERS: usize = 8;
@@ -47,7 +52,7 @@ const SEND_TIMEOUT: &str = "2s";
 const FREEZE_SEND_TIMEOUT: &str = "10s";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
+pub(crate) enum Fault {
     KillGateway,
     KillRouter,
     FreezeRouter,
@@ -55,6 +60,12 @@ enum Fault {
     RollingRestart,
     RestartNats,
     CassandraDown,
+    // The HA back end's (`ha.rs`).
+    KillNats,
+    KillCql,
+    RollingCql,
+    RollingNats,
+    NatsAndCql,
 }
 
 const FAULTS: [Fault; 7] = [
@@ -69,7 +80,7 @@ const FAULTS: [Fault; 7] = [
 ];
 
 impl Fault {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Fault::KillGateway => "kill-gateway",
             Fault::KillRouter => "kill-router",
@@ -78,6 +89,11 @@ impl Fault {
             Fault::RollingRestart => "rolling-restart",
             Fault::RestartNats => "restart-nats",
             Fault::CassandraDown => "cassandra-down",
+            Fault::KillNats => "kill-nats",
+            Fault::KillCql => "kill-cql",
+            Fault::RollingCql => "rolling-cql",
+            Fault::RollingNats => "rolling-nats",
+            Fault::NatsAndCql => "nats-and-cql",
         }
     }
 
@@ -92,12 +108,27 @@ impl Fault {
             Fault::RollingRestart => "SIGTERM and restart each gateway in turn",
             Fault::RestartNats => "restart nats-server",
             Fault::CassandraDown => "stop Cassandra for 10 s, then start it",
+            Fault::KillNats => "SIGKILL the NATS server leading the work stream, restart it 3 s later",
+            Fault::KillCql => "SIGKILL CQL node 1, restart it 3 s later",
+            Fault::RollingCql => "drain, stop and restart each CQL node in turn",
+            Fault::RollingNats => "SIGTERM and restart each NATS server in turn",
+            Fault::NatsAndCql => {
+                "SIGKILL the work stream's NATS leader and CQL node 2 at once, restart both 3 s later"
+            }
         }
     }
 }
 
+/// Where a fault's cluster gets NATS and Cassandra.
+pub(crate) enum Backend {
+    /// The suite's own nats-server and the test command's Cassandra node.
+    Single(PrivateNats),
+    /// Three NATS servers and three CQL nodes (`deploy/local/ha`).
+    Ha(HaBackend),
+}
+
 /// One row of the table.
-struct Row {
+pub(crate) struct Row {
     fault: Fault,
     acked: usize,
     stored_unacked: usize,
@@ -109,6 +140,8 @@ struct Row {
     reconnects: usize,
     resends: usize,
     codes: String,
+    /// On the HA back end: what the processes saw (`cluster_events`).
+    events: Option<String>,
     violations: Vec<String>,
 }
 
@@ -120,30 +153,52 @@ impl Row {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_suite() {
-    let wanted: Option<HashSet<String>> = std::env::var("CHATOY_FAULTS")
+    let _machine = MACHINE.lock().await;
+    let wanted = selected("CHATOY_FAULTS");
+    let backend = Backend::Single(PrivateNats::start().await);
+    let rows = run_faults(&FAULTS, wanted.as_ref(), &backend).await;
+    assert!(!rows.is_empty(), "CHATOY_FAULTS named no known fault");
+    report(&rows, "fault-table.md");
+}
+
+/// The faults a variable names (comma-separated); `None` if it is unset or empty.
+pub(crate) fn selected(variable: &str) -> Option<HashSet<String>> {
+    std::env::var(variable)
         .ok()
         .filter(|v| !v.trim().is_empty())
-        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+}
+
+/// Runs each of `faults` that `wanted` names (all if `None`), one fresh cluster each.
+pub(crate) async fn run_faults(
+    faults: &[Fault],
+    wanted: Option<&HashSet<String>>,
+    backend: &Backend,
+) -> Vec<Row> {
     let load_secs: u64 = std::env::var("CHATOY_FAULT_LOAD_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let nats = PrivateNats::start().await;
     let mut rows = Vec::new();
-    for fault in FAULTS {
-        if wanted.as_ref().is_some_and(|w| !w.contains(fault.name())) {
+    for &fault in faults {
+        if wanted.is_some_and(|w| !w.contains(fault.name())) {
             continue;
         }
         eprintln!("== {}: {}", fault.name(), fault.describe());
-        let row = run_fault(fault, &nats, Duration::from_secs(load_secs)).await;
+        let row = run_fault(fault, backend, Duration::from_secs(load_secs)).await;
         eprintln!("{}", table(std::slice::from_ref(&row)));
         rows.push(row);
     }
-    assert!(!rows.is_empty(), "CHATOY_FAULTS named no known fault");
-    let table = table(&rows);
+    rows
+}
+
+/// Prints the table, writes it to `target/tmp/<file>`, and fails if a row lost, duplicated or
+/// misordered anything.
+pub(crate) fn report(rows: &[Row], file: &str) {
+    let table = table(rows);
     println!("\n{table}");
     if let Ok(dir) = std::env::var("CARGO_TARGET_TMPDIR") {
-        let _ = std::fs::write(Path::new(&dir).join("fault-table.md"), &table);
+        let _ = std::fs::write(Path::new(&dir).join(file), &table);
     }
     let failed: Vec<String> = rows
         .iter()
@@ -156,17 +211,23 @@ async fn fault_suite() {
     );
 }
 
-async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
-    let proxy = TcpProxy::start(nats.addr).await;
+async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
     // One router first: the rooms' partitions get pinned to it once the load begins, and the
     // second, added then, stands by (so killing router 1 interrupts the rooms' sequencer).
     let mut flags = GATEWAY_FLAGS;
     if fault == Fault::FreezeRouter {
         flags[1] = FREEZE_SEND_TIMEOUT;
     }
-    let spec = Spec::new(1, GATEWAYS, &flags)
-        .nats(&nats.url)
-        .gateway_nats(CUT_GATEWAY, &proxy.nats_url());
+    let (spec, proxy) = match backend {
+        Backend::Single(nats) => {
+            let proxy = TcpProxy::start(nats.addr).await;
+            let spec = Spec::new(1, GATEWAYS, &flags)
+                .nats(&nats.url)
+                .gateway_nats(CUT_GATEWAY, &proxy.nats_url());
+            (spec, Some(proxy))
+        }
+        Backend::Ha(ha) => (Spec::new(1, GATEWAYS, &flags).services(ha.services()), None),
+    };
     let mut cluster = Cluster::start(spec).await;
     let api = cluster.api();
     let host = api.new_user("host").await;
@@ -236,13 +297,13 @@ async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
     .await;
     cluster.add_router().await;
     tokio::time::sleep(load.saturating_sub(load_began.elapsed())).await;
-    let healed = inject(fault, &mut cluster, &proxy, nats).await;
+    let healed = inject(fault, &mut cluster, proxy.as_ref(), backend).await;
     // Everything acknowledged when the fault healed: how long until every member has it
     // (while the cluster is made whole again).
     let snapshot = acked_by_room(&members);
     let (catch_up, ()) = tokio::join!(
         caught_up_after(&members, &snapshot, healed),
-        make_whole(fault, &mut cluster)
+        make_whole(fault, &mut cluster, backend)
     );
     tokio::time::sleep(load).await;
     control.sending.store(false, Ordering::SeqCst);
@@ -260,6 +321,9 @@ async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     let mut row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    if matches!(backend, Backend::Ha(_)) {
+        row.events = Some(cluster_events(&cluster).await);
+    }
     if fault == Fault::FreezeRouter {
         // A frozen router caught with deliveries in hand works on them under its old claim
         // once thawed, and the store must turn every such write down (`inject` freezes until
@@ -278,8 +342,6 @@ async fn run_fault(fault: Fault, nats: &PrivateNats, load: Duration) -> Row {
     row
 }
 
-/// Injects the fault; returns when it healed (the moment clients can be whole again: at
-/// once for a killed process, whose clients and rooms move to the others).
 /// Freezes of the freeze-router fault at most, until a router is caught with work in hand.
 const FREEZE_ATTEMPTS: usize = 3;
 
@@ -296,7 +358,14 @@ async fn deposed_total(cluster: &Cluster) -> f64 {
     total
 }
 
-async fn inject(fault: Fault, cluster: &mut Cluster, proxy: &TcpProxy, nats: &PrivateNats) -> Instant {
+/// Injects the fault; returns when it healed (the moment clients can be whole again: at
+/// once for a killed process, whose clients and rooms move to the others).
+async fn inject(fault: Fault, cluster: &mut Cluster, proxy: Option<&TcpProxy>, backend: &Backend) -> Instant {
+    let (nats, proxy) = match (backend, proxy) {
+        (Backend::Single(nats), Some(proxy)) => (nats, proxy),
+        (Backend::Ha(ha), _) => return crate::ha::inject(fault, ha).await,
+        (Backend::Single(_), None) => panic!("the single back end always has its proxy"),
+    };
     match fault {
         Fault::KillGateway => {
             cluster.kill_gateway(1).await;
@@ -356,15 +425,43 @@ async fn inject(fault: Fault, cluster: &mut Cluster, proxy: &TcpProxy, nats: &Pr
             cassandra.run("start").await;
             Instant::now()
         }
+        other => panic!("{} needs the HA back end", other.name()),
     }
 }
 
-/// Starts a killed process again, 3 s after the kill.
-async fn make_whole(fault: Fault, cluster: &mut Cluster) {
+/// How long a killed process stays down.
+pub(crate) const DOWN_FOR: Duration = Duration::from_secs(3);
+
+/// Starts a killed process again, [`DOWN_FOR`] after the kill.
+async fn make_whole(fault: Fault, cluster: &mut Cluster, backend: &Backend) {
     if matches!(fault, Fault::KillGateway | Fault::KillRouter) {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(DOWN_FOR).await;
         cluster.restart_stopped().await;
     }
+    if let Backend::Ha(ha) = backend {
+        crate::ha::make_whole(ha).await;
+    }
+}
+
+/// What the gateways and routers saw of a fault: the gateways' NATS reconnects, and the
+/// routers' partition claims, deposed writes and failed store writes (their counters).
+async fn cluster_events(cluster: &Cluster) -> String {
+    let gateways = cluster.api();
+    let routers: Vec<String> = (1..=cluster.router_count())
+        .map(|n| cluster.router_url(n))
+        .collect();
+    let routers = Api::new(routers[0].clone(), routers);
+    let event = |name: &str| format!("chatoy_router_events_total{{event=\"{name}\"}}");
+    format!(
+        "{} / {} / {} / {}",
+        gateways
+            .metric("chatoy_nats_reconnects_total")
+            .await
+            .unwrap_or(0.0),
+        routers.metric(&event("claim")).await.unwrap_or(0.0),
+        routers.metric(&event("deposed")).await.unwrap_or(0.0),
+        routers.metric(&event("store_error")).await.unwrap_or(0.0),
+    )
 }
 
 /// Every message answered code 0 so far, by room: uuid → sent.
@@ -550,6 +647,7 @@ async fn check(
         reconnects,
         resends,
         codes: codes.join(" "),
+        events: None,
         violations,
     }
 }
@@ -574,13 +672,21 @@ async fn full_history(api: &Api, token: &str, room: u64) -> Vec<(String, i64)> {
 }
 
 fn table(rows: &[Row]) -> String {
+    let events = rows.iter().any(|row| row.events.is_some());
     let mut out = String::from(
-        "| fault | acked | msg/s | stored unacked | lost | duplicates | out of order | caught up after | reconnects | resends | codes seen |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| fault | acked | msg/s | stored unacked | lost | duplicates | out of order | caught up after | reconnects | resends | codes seen |",
     );
+    let mut rule = String::from("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    if events {
+        out.push_str(" gateway NATS reconnects / claims / deposed / store errors |");
+        rule.push_str("---|");
+    }
+    out.push('\n');
+    out.push_str(&rule);
+    out.push('\n');
     for row in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.fault.name(),
             row.acked,
             row.rate,
@@ -596,6 +702,10 @@ fn table(rows: &[Row]) -> String {
             row.resends,
             row.codes,
         ));
+        if events {
+            out.push_str(&format!(" {} |", row.events.as_deref().unwrap_or("")));
+        }
+        out.push('\n');
     }
     out
 }
@@ -613,7 +723,7 @@ async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool)
 
 /// The suite's own nats-server (so restarting it disturbs nothing else), from
 /// `deploy/local/nats` in a private run directory; stopped on drop.
-struct PrivateNats {
+pub(crate) struct PrivateNats {
     run_dir: TempDir,
     url: String,
     addr: std::net::SocketAddr,
@@ -659,7 +769,7 @@ async fn nats_script(run_dir: &Path, action: &str) -> String {
     output
 }
 
-fn script(name: &str) -> PathBuf {
+pub(crate) fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy/local")
         .join(name)
