@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use chatoy_protocol::bus::MsgRequest;
-use chatoy_protocol::{Message, MessageContent, SendCode, Timestamp};
+use chatoy_protocol::{MessageContent, SendCode, Timestamp};
+use chatoy_store::{Content, StoredMessage};
 use uuid::Uuid;
 
 /// What the core decided for one request.
@@ -115,18 +116,15 @@ impl Sequencer {
     }
 
     /// Remembers messages found in the store.
-    pub(crate) fn learn(&mut self, found: &[Message]) {
+    pub(crate) fn learn(&mut self, found: &[StoredMessage]) {
         for message in found {
-            let Ok(uuid) = Uuid::parse_str(&message.uuid) else {
-                continue;
-            };
             let known = Known {
                 sent: message.sent,
                 sender: message.sender,
-                digest: digest(&message.data),
+                digest: stored_digest(&message.content),
                 from_store: true,
             };
-            self.remember(message.room, uuid, known);
+            self.remember(message.room, message.uuid, known);
         }
     }
 
@@ -224,12 +222,23 @@ impl Sequencer {
     }
 }
 
-/// A digest of a message's content, to tell a retry from a different message under one uuid.
+/// A digest of a request's content, to tell a retry from a different message under one uuid.
 fn digest(content: &MessageContent) -> u64 {
-    let mut hasher = DefaultHasher::new();
     match content {
-        MessageContent::Text { text } => ("Text", text).hash(&mut hasher),
+        MessageContent::Text { text } => text_digest(text),
     }
+}
+
+/// The digest of stored content: equal to [`digest`] of the same content as a request.
+fn stored_digest(content: &Content) -> u64 {
+    match content {
+        Content::Text(text) => text_digest(text),
+    }
+}
+
+fn text_digest(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    ("Text", text).hash(&mut hasher);
     hasher.finish()
 }
 
@@ -370,11 +379,11 @@ mod tests {
             vec![(1, vec![Uuid::from_u128(1), Uuid::from_u128(2)])]
         );
         // The store had the first one (stored by another router, maybe never published).
-        core.learn(&[Message {
-            uuid: Uuid::from_u128(1).hyphenated().to_string(),
+        core.learn(&[StoredMessage {
+            uuid: Uuid::from_u128(1),
             sender: 7,
             room: 1,
-            data: MessageContent::Text { text: "a".into() },
+            content: Content::Text("a".into()),
             sent: Timestamp(40),
             modified: false,
         }]);

@@ -129,7 +129,7 @@ impl Registry {
                         Some(event) if event.sent == message.sent => event.origin,
                         _ => Origin { gateway: 0, conn: 0 },
                     };
-                    batch.push(RoomEvent::new(message, None, origin));
+                    batch.push(RoomEvent::new(message.into(), None, origin));
                 }
                 match event {
                     Some(event) if event.sent > newest && event.prev.is_some() => {

@@ -214,7 +214,7 @@ pub(super) async fn replay(
             let got = page.len();
             for message in page {
                 cursor = message.sent;
-                out.extend_from_slice(&wire::text(&recv_frame(message)));
+                out.extend_from_slice(&wire::text(&recv_frame(message.into())));
                 if out.len() >= 64 * 1024 {
                     write_raw(ws, &out, shared.config.write_timeout).await?;
                     out.clear();
