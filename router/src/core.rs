@@ -128,7 +128,7 @@ impl Sequencer {
         }
     }
 
-    /// Decides every request of a batch, in order, at time `now`. `refusal` gives the code of a
+    /// Decides every request of a batch, in order, at time `now`. `refused` gives the code of a
     /// request refused before sequencing (its sender is not a member: 2; the store could not
     /// say: 5). Every other request's room must have been opened and its unknown uuids looked
     /// up; a request whose room was not opened is refused with code 5.
@@ -136,11 +136,11 @@ impl Sequencer {
         &mut self,
         batch: &[&MsgRequest],
         now: Timestamp,
-        refusal: impl Fn(&MsgRequest) -> Option<SendCode>,
+        refused: impl Fn(&MsgRequest) -> Option<SendCode>,
     ) -> Vec<Decision> {
         batch
             .iter()
-            .map(|request| self.decide(request, now, &refusal))
+            .map(|request| self.decide(request, now, &refused))
             .collect()
     }
 
@@ -148,9 +148,9 @@ impl Sequencer {
         &mut self,
         request: &MsgRequest,
         now: Timestamp,
-        refusal: impl Fn(&MsgRequest) -> Option<SendCode>,
+        refused: impl Fn(&MsgRequest) -> Option<SendCode>,
     ) -> Decision {
-        if let Some(code) = refusal(request) {
+        if let Some(code) = refused(request) {
             return Decision::Refuse(code);
         }
         let Some(room) = self.rooms.get_mut(&request.room) else {

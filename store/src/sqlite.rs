@@ -188,7 +188,7 @@ trait WriteJob: Send {
     /// Runs inside the group's transaction; false means "roll my savepoint back".
     fn run(&mut self, conn: &Connection) -> bool;
     /// Hands the result over once the group committed, or the error if it did not.
-    fn finish(self: Box<Self>, committed: Result<(), StoreError>);
+    fn complete(self: Box<Self>, committed: Result<(), StoreError>);
 }
 
 struct Job<T, F> {
@@ -210,7 +210,7 @@ where
         ok
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
+    fn complete(self: Box<Self>, committed: Result<(), StoreError>) {
         let outcome = match (committed, self.result) {
             (Ok(()), Some(result)) => result,
             (Ok(()), None) => Err(StoreError::unavailable("write did not run")),
@@ -241,7 +241,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Ok(()) => Ok(()),
                 Err(err) => Err(StoreError::unavailable(err.clone())),
             };
-            job.finish(outcome);
+            job.complete(outcome);
         }
     }
 }
