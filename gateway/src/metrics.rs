@@ -3,14 +3,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 
 use chatoy_bus::DynBus;
 use chatoy_protocol::SendCode;
 
 /// Handles to every metric the gateway exports on `/metrics`.
 pub(crate) struct Metrics {
-    registry: Registry,
+    registry: prometheus::Registry,
     /// Open authenticated or not-yet-authenticated WebSockets.
     pub(crate) sockets_open: IntGauge,
     pub(crate) in_auth: IntCounter,
@@ -59,7 +59,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// The gateway's metrics, registered in `registry` (which may hold other metrics of the
     /// process too: `/metrics` shows everything it holds).
-    pub(crate) fn new(bus: DynBus, registry: Registry) -> Result<Metrics, prometheus::Error> {
+    pub(crate) fn new(bus: DynBus, registry: prometheus::Registry) -> Result<Metrics, prometheus::Error> {
         let sockets_open = IntGauge::new("chatoy_sockets_open", "Open WebSocket connections.")?;
         let frames_in = IntCounterVec::new(
             Opts::new("chatoy_frames_in_total", "WebSocket frames received, by type."),

@@ -134,8 +134,8 @@ async fn answer(bus: &DynBus, metrics: &Metrics, item: Item, failed: bool) {
         event,
     } = item;
     let (reply, event) = match decision {
-        Decision::Refuse(code) => (refusal(code), None),
-        _ if failed => (refusal(SendCode::Unavailable), None),
+        Decision::Refuse(code) => (refused_reply(code), None),
+        _ if failed => (refused_reply(SendCode::Unavailable), None),
         Decision::Store { sent, .. } | Decision::Duplicate { sent, .. } => (accepted(sent), event),
     };
     match reply.code {
@@ -161,7 +161,7 @@ fn accepted(sent: Timestamp) -> MsgReply {
     }
 }
 
-fn refusal(code: SendCode) -> MsgReply {
+fn refused_reply(code: SendCode) -> MsgReply {
     MsgReply {
         code,
         msg: code.message().to_owned(),

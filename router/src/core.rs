@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use chatoy_protocol::bus::MsgRequest;
-use chatoy_protocol::{Message, MessageContent, SendCode, Timestamp};
+use chatoy_protocol::{MessageContent, SendCode, Timestamp};
+use chatoy_store::{Content, StoredMessage};
 use uuid::Uuid;
 
 /// What the core decided for one request.
@@ -115,22 +116,19 @@ impl Sequencer {
     }
 
     /// Remembers messages found in the store.
-    pub(crate) fn learn(&mut self, found: &[Message]) {
+    pub(crate) fn learn(&mut self, found: &[StoredMessage]) {
         for message in found {
-            let Ok(uuid) = Uuid::parse_str(&message.uuid) else {
-                continue;
-            };
             let known = Known {
                 sent: message.sent,
                 sender: message.sender,
-                digest: digest(&message.data),
+                digest: stored_digest(&message.content),
                 from_store: true,
             };
-            self.remember(message.room, uuid, known);
+            self.remember(message.room, message.uuid, known);
         }
     }
 
-    /// Decides every request of a batch, in order, at time `now`. `refusal` gives the code of a
+    /// Decides every request of a batch, in order, at time `now`. `refused` gives the code of a
     /// request refused before sequencing (its sender is not a member: 2; the store could not
     /// say: 5). Every other request's room must have been opened and its unknown uuids looked
     /// up; a request whose room was not opened is refused with code 5.
@@ -138,11 +136,11 @@ impl Sequencer {
         &mut self,
         batch: &[&MsgRequest],
         now: Timestamp,
-        refusal: impl Fn(&MsgRequest) -> Option<SendCode>,
+        refused: impl Fn(&MsgRequest) -> Option<SendCode>,
     ) -> Vec<Decision> {
         batch
             .iter()
-            .map(|request| self.decide(request, now, &refusal))
+            .map(|request| self.decide(request, now, &refused))
             .collect()
     }
 
@@ -150,9 +148,9 @@ impl Sequencer {
         &mut self,
         request: &MsgRequest,
         now: Timestamp,
-        refusal: impl Fn(&MsgRequest) -> Option<SendCode>,
+        refused: impl Fn(&MsgRequest) -> Option<SendCode>,
     ) -> Decision {
-        if let Some(code) = refusal(request) {
+        if let Some(code) = refused(request) {
             return Decision::Refuse(code);
         }
         let Some(room) = self.rooms.get_mut(&request.room) else {
@@ -224,12 +222,23 @@ impl Sequencer {
     }
 }
 
-/// A digest of a message's content, to tell a retry from a different message under one uuid.
+/// A digest of a request's content, to tell a retry from a different message under one uuid.
 fn digest(content: &MessageContent) -> u64 {
-    let mut hasher = DefaultHasher::new();
     match content {
-        MessageContent::Text { text } => ("Text", text).hash(&mut hasher),
+        MessageContent::Text { text } => text_digest(text),
     }
+}
+
+/// The digest of stored content: equal to [`digest`] of the same content as a request.
+fn stored_digest(content: &Content) -> u64 {
+    match content {
+        Content::Text(text) => text_digest(text),
+    }
+}
+
+fn text_digest(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    ("Text", text).hash(&mut hasher);
     hasher.finish()
 }
 
@@ -370,11 +379,11 @@ mod tests {
             vec![(1, vec![Uuid::from_u128(1), Uuid::from_u128(2)])]
         );
         // The store had the first one (stored by another router, maybe never published).
-        core.learn(&[Message {
-            uuid: Uuid::from_u128(1).hyphenated().to_string(),
+        core.learn(&[StoredMessage {
+            uuid: Uuid::from_u128(1),
             sender: 7,
             room: 1,
-            data: MessageContent::Text { text: "a".into() },
+            content: Content::Text("a".into()),
             sent: Timestamp(40),
             modified: false,
         }]);

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chatoy_bus::{DynBus, Work, WorkSource};
-use chatoy_protocol::bus::RoomEvent;
+use chatoy_protocol::bus::{MsgRequest, RoomEvent};
 use chatoy_protocol::{Message, SendCode, Timestamp};
-use chatoy_store::{DynStore, Fence, NewMessage, PendingWrite, RoomBatch};
+use chatoy_store::{DynStore, Fence, NewMessage, PendingWrite, RoomBatch, StoredMessage};
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -150,16 +150,14 @@ impl Worker {
                 .map(|(room, uuids)| self.store.find_messages(*room, uuids)),
         )
         .await;
-        let mut found: HashMap<(u64, Uuid), Message> = HashMap::new();
+        let mut found: HashMap<(u64, Uuid), StoredMessage> = HashMap::new();
         let mut unanswered: Vec<u64> = Vec::new();
         for ((room, _), lookup) in unknown.iter().zip(lookups) {
             match lookup {
                 Ok(messages) => {
                     self.core.learn(&messages);
                     for message in messages {
-                        if let Ok(uuid) = Uuid::parse_str(&message.uuid) {
-                            found.insert((message.room, uuid), message);
-                        }
+                        found.insert((message.room, message.uuid), message);
                     }
                 }
                 Err(err) => {
@@ -184,10 +182,10 @@ impl Worker {
                         uuid: request.uuid,
                         sender: request.sender,
                         room: request.room,
-                        content: request.content.clone(),
+                        content: request.content.clone().into(),
                         sent,
                     };
-                    let event = RoomEvent::new(stored_message(&message), Some(prev), request.origin);
+                    let event = RoomEvent::new(sequenced(request, sent), Some(prev), request.origin);
                     match rooms.iter_mut().find(|batch| batch.room == request.room) {
                         Some(batch) => batch.messages.push(message),
                         None => rooms.push(RoomBatch {
@@ -201,7 +199,7 @@ impl Worker {
                 // again without a `prev`, it makes gateways that lack it check the store.
                 Decision::Duplicate { republish: true, .. } => found
                     .get(&(request.room, request.uuid))
-                    .map(|message| RoomEvent::new(message.clone(), None, request.origin)),
+                    .map(|message| RoomEvent::new(message.clone().into(), None, request.origin)),
                 Decision::Duplicate { .. } | Decision::Refuse(_) => None,
             };
             items.push(Item {
@@ -308,13 +306,14 @@ impl Worker {
     }
 }
 
-fn stored_message(message: &NewMessage) -> Message {
+/// The message a request becomes once sequenced at `sent`, as readers will see it.
+fn sequenced(request: &MsgRequest, sent: Timestamp) -> Message {
     Message {
-        uuid: message.uuid.hyphenated().to_string(),
-        sender: message.sender,
-        room: message.room,
-        data: message.content.clone(),
-        sent: message.sent,
+        uuid: request.uuid.hyphenated().to_string(),
+        sender: request.sender,
+        room: request.room,
+        data: request.content.clone(),
+        sent,
         modified: false,
     }
 }

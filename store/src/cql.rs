@@ -21,14 +21,13 @@ mod statements;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use chatoy_protocol::http::{Room, User};
-use chatoy_protocol::{Message, Timestamp};
+use chatoy_protocol::Timestamp;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 
 use crate::{
-    Fence, OpenError, PendingWrite, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult,
-    UserWithHash,
+    Fence, OpenError, PendingWrite, Room, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult,
+    StoredMessage, User, UserWithHash,
 };
 use exec::{lwt, read_all, read_one, write, CqlResult};
 use ids::IdAllocator;
@@ -320,7 +319,7 @@ impl Store for CqlStore {
         self.open_fenced(fence, room).await
     }
 
-    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>> {
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<StoredMessage>> {
         Ok(self.find_fenced(room, uuids).await?)
     }
 
@@ -328,11 +327,11 @@ impl Store for CqlStore {
         self.submit_fenced(fence, batch)
     }
 
-    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         Ok(self.history_of(room, before.0, limit).await?)
     }
 
-    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         Ok(self.since_of(room, after.0, limit).await?)
     }
 
@@ -340,7 +339,7 @@ impl Store for CqlStore {
         Ok(Timestamp(self.replay_start_of(room, after.0, limit).await?))
     }
 
-    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         Ok(self.page_after_of(room, after.0, limit).await?)
     }
 }

@@ -1,18 +1,21 @@
 //! Chatoy's storage: one narrow domain trait, [`Store`], and its backends.
 //!
-//! Only this crate knows SQL or CQL. Callers hold an `Arc<dyn Store>` and see domain types from
-//! `chatoy-protocol`; driver types never leak upward.
+//! Only this crate knows SQL or CQL. Callers hold an `Arc<dyn Store>` and see the store's own
+//! types ([`model`]); driver types never leak upward, and the wire's types never reach a column
+//! (`wire.rs` converts at the edge).
 
 pub mod cql;
+mod model;
 mod sqlite;
+mod wire;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chatoy_protocol::http::{Room, User};
-use chatoy_protocol::{Message, MessageContent, Timestamp};
+use chatoy_protocol::Timestamp;
 
 pub use cql::{CqlConfig, CqlConsistency, CqlStore};
+pub use model::{Content, Room, StoredMessage, User};
 pub use sqlite::{SqliteConfig, SqliteStore};
 
 /// A shared handle to whichever backend the process runs on.
@@ -169,7 +172,7 @@ pub struct NewMessage {
     /// The room.
     pub room: u64,
     /// The content.
-    pub content: MessageContent,
+    pub content: Content,
     /// The `sent` the router assigned, strictly greater than every earlier one in the room.
     pub sent: Timestamp,
 }
@@ -249,7 +252,7 @@ pub trait Store: Send + Sync + 'static {
     async fn open_room(&self, fence: Fence, room: u64) -> StoreResult<Option<Timestamp>>;
     /// The stored messages of `room` whose uuid is among `uuids` (each at most once), in no
     /// particular order: the idempotency lookup for uuids the sequencer does not remember.
-    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>>;
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<StoredMessage>>;
     /// Queues a batch to be written under `fence`. Returns once queued — batches are written in
     /// the order of these calls, and a reader never sees a later batch of a room without an
     /// earlier one — with the wait for the outcome: `Ok` when the whole batch is durable and
@@ -260,13 +263,13 @@ pub trait Store: Send + Sync + 'static {
     /// the new claim's [`Store::open_room`] settles what the failed batches left behind.
     async fn submit(&self, fence: Fence, batch: Vec<RoomBatch>) -> StoreResult<PendingWrite>;
     /// Up to `limit` messages of the room with `sent < before`, newest first.
-    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
+    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>>;
     /// The newest `limit` messages of the room with `sent > after`, oldest first.
-    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
+    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>>;
     /// Where a replay of the newest `limit` messages with `sent > after` starts: `after` itself
     /// when at most `limit` such messages are stored, else the `sent` of the newest one left
     /// out. Reads only `sent` values, so it costs little memory whatever the messages' size.
     async fn replay_start(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Timestamp>;
     /// Up to `limit` messages of the room with `sent > after`, oldest first: a page of a replay.
-    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>>;
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>>;
 }

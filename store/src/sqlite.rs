@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chatoy_protocol::http::{Room, User};
-use chatoy_protocol::{Message, MessageContent, Timestamp};
+use chatoy_protocol::Timestamp;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Fence, OpenError, PendingWrite, RoomBatch, Session, Store, StoreError, StoreResult, UserWithHash,
+    Content, Fence, OpenError, PendingWrite, Room, RoomBatch, Session, Store, StoreError, StoreResult,
+    StoredMessage, User, UserWithHash,
 };
 
 /// The schema files, applied in this order, each once: the database's `user_version` counts the
@@ -188,7 +188,7 @@ trait WriteJob: Send {
     /// Runs inside the group's transaction; false means "roll my savepoint back".
     fn run(&mut self, conn: &Connection) -> bool;
     /// Hands the result over once the group committed, or the error if it did not.
-    fn finish(self: Box<Self>, committed: Result<(), StoreError>);
+    fn complete(self: Box<Self>, committed: Result<(), StoreError>);
 }
 
 struct Job<T, F> {
@@ -210,7 +210,7 @@ where
         ok
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
+    fn complete(self: Box<Self>, committed: Result<(), StoreError>) {
         let outcome = match (committed, self.result) {
             (Ok(()), Some(result)) => result,
             (Ok(()), None) => Err(StoreError::unavailable("write did not run")),
@@ -241,7 +241,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Ok(()) => Ok(()),
                 Err(err) => Err(StoreError::unavailable(err.clone())),
             };
-            job.finish(outcome);
+            job.complete(outcome);
         }
     }
 }
@@ -285,17 +285,17 @@ fn room_from_row(row: &Row<'_>) -> rusqlite::Result<Room> {
     })
 }
 
-fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+fn message_from_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     let uuid: [u8; 16] = row.get("uuid")?;
     let content: String = row.get("content")?;
-    let data: MessageContent = serde_json::from_str(&content).map_err(|err| {
+    let content = Content::decode(&content).map_err(|err| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(err))
     })?;
-    Ok(Message {
-        uuid: uuid::Uuid::from_bytes(uuid).hyphenated().to_string(),
+    Ok(StoredMessage {
+        uuid: uuid::Uuid::from_bytes(uuid),
         sender: row.get::<_, i64>("sender")? as u64,
         room: row.get::<_, i64>("room_id")? as u64,
-        data,
+        content,
         sent: Timestamp(row.get("sent")?),
         modified: row.get("modified")?,
     })
@@ -323,8 +323,7 @@ fn write_batch(conn: &Connection, fence: Fence, batch: &[RoomBatch]) -> StoreRes
         )
         .map_err(unavailable)?;
     for message in batch.iter().flat_map(|room| &room.messages) {
-        let content = serde_json::to_string(&message.content)
-            .map_err(|err| StoreError::unavailable(format!("cannot encode message content: {err}")))?;
+        let content = message.content.encode();
         insert
             .execute(params![
                 message.room as i64,
@@ -563,7 +562,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<Message>> {
+    async fn find_messages(&self, room: u64, uuids: &[uuid::Uuid]) -> StoreResult<Vec<StoredMessage>> {
         let mut uuids = uuids.to_vec();
         uuids.sort_unstable();
         uuids.dedup();
@@ -589,7 +588,7 @@ impl Store for SqliteStore {
         self.enqueue(move |conn| write_batch(conn, fence, &batch)).await
     }
 
-    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn history(&self, room: u64, before: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent < ?2
@@ -601,7 +600,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn since(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent > ?2
@@ -630,7 +629,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn page_after(&self, room: u64, after: Timestamp, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent > ?2

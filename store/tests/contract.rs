@@ -7,11 +7,11 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatoy_protocol::{MessageContent, Timestamp, MAX_ID};
+use chatoy_protocol::{Timestamp, MAX_ID};
 use chatoy_store::cql::migrate;
 use chatoy_store::{
-    CqlConfig, CqlStore, DynStore, Fence, NewMessage, OpenError, RoomBatch, Session, SqliteConfig,
-    SqliteStore, StoreError, StoreResult,
+    Content, CqlConfig, CqlStore, DynStore, Fence, NewMessage, OpenError, RoomBatch, Session, SqliteConfig,
+    SqliteStore, StoreError, StoreResult, StoredMessage,
 };
 use futures_util::FutureExt;
 use scylla::client::session::Session as CqlSession;
@@ -128,8 +128,8 @@ async fn guarded(fresh: Fresh, case: impl Future<Output = ()>) {
     }
 }
 
-fn text(t: &str) -> MessageContent {
-    MessageContent::Text { text: t.into() }
+fn text(t: &str) -> Content {
+    Content::Text(t.into())
 }
 
 fn message(room: u64, sender: u64, sent: i64, body: &str) -> NewMessage {
@@ -257,7 +257,7 @@ async fn store_messages(store: &DynStore, rows: Vec<NewMessage>) {
     write_under(store, fence, rows).await.expect("write");
 }
 
-fn sents(messages: &[chatoy_protocol::Message]) -> Vec<i64> {
+fn sents(messages: &[StoredMessage]) -> Vec<i64> {
     messages.iter().map(|m| m.sent.0).collect()
 }
 
@@ -289,8 +289,8 @@ async fn fenced_writes(store: DynStore) {
         .unwrap();
     found.sort_by_key(|m| m.sent);
     assert_eq!(sents(&found), vec![100, 300]);
-    assert_eq!(found[0].uuid, one.uuid.hyphenated().to_string());
-    assert_eq!((found[0].sender, &found[0].data), (7, &text("one")));
+    assert_eq!(found[0].uuid, one.uuid);
+    assert_eq!((found[0].sender, &found[0].content), (7, &text("one")));
     // The same uuid in another room is another message.
     assert_eq!(
         sents(&store.find_messages(2, &[one.uuid]).await.unwrap()),
@@ -536,7 +536,7 @@ async fn durable_across_reopen() {
         .await
         .unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0].data, text("kept"));
+    assert_eq!(history[0].content, text("kept"));
 }
 
 /// The CQL equivalent of reopening: a second store on the same keyspace (another process) sees
@@ -583,7 +583,7 @@ async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
     let other: DynStore = Arc::new(CqlStore::connect(&fresh.config).await.unwrap());
     let history = other.history(room.id, Timestamp(i64::MAX), 10).await.unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0].data, text("kept"));
+    assert_eq!(history[0].content, text("kept"));
     assert_eq!(other.user_by_name("ALICE").await.unwrap().unwrap().user, user);
     assert!(other.is_member(room.id, user.id).await.unwrap());
     // Both "processes" create users and rooms at once; every id is distinct.
@@ -636,7 +636,7 @@ async fn cql_pages_across_buckets(store: DynStore) {
         }
         assert_eq!(seen, newest_first, "history in pages of {limit}");
     }
-    let sents_of = |page: Vec<chatoy_protocol::Message>| page.iter().map(|m| m.sent.0).collect::<Vec<_>>();
+    let sents_of = |page: Vec<StoredMessage>| page.iter().map(|m| m.sent.0).collect::<Vec<_>>();
     // `before` on a bucket edge excludes the edge and continues in the previous bucket.
     assert_eq!(
         sents_of(store.history(4, Timestamp(100), 5).await.unwrap()),

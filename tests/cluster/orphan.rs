@@ -2,8 +2,8 @@
 //! whose sockets are open as soon as the next router publishes the room's next message: each
 //! event names the previous message, and the gateways fill the hole from the store, in order.
 
-use chatoy_protocol::{MessageContent, Timestamp};
-use chatoy_store::{CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
+use chatoy_protocol::Timestamp;
+use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
 use serde_json::json;
 
 use crate::harness::{assert_send, new_uuid, ts, Ws};
@@ -54,9 +54,7 @@ async fn a_stored_but_unpublished_message_is_delivered_before_the_next() {
             uuid: orphan,
             sender: carol.id,
             room,
-            content: MessageContent::Text {
-                text: "stored, never published".into(),
-            },
+            content: Content::Text("stored, never published".into()),
             sent: orphan_sent,
         }],
     }];

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use chatoy_protocol::{partition_of, MessageContent, Timestamp};
-use chatoy_store::{CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
+use chatoy_protocol::{partition_of, Timestamp};
+use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
 use serde_json::json;
 
 use crate::harness::{new_uuid, ts, uuids_by_room, Ws};
@@ -74,7 +74,7 @@ async fn a_room_sequenced_behind_another_is_resumed_only_per_room() {
             uuid: a1,
             sender: carol.id,
             room: a,
-            content: MessageContent::Text { text: "a1".into() },
+            content: Content::Text("a1".into()),
             sent: a1_sent,
         }],
     }];

@@ -101,7 +101,12 @@ pub(super) fn client_addr(config: &GatewayConfig, peer: SocketAddr, headers: &He
 }
 
 /// A refusal that asks the client to come back later and ends the connection.
-pub(super) fn refusal(status: StatusCode, msg: &str, retry_after: Duration, close: bool) -> Response<Body> {
+pub(super) fn refused_response(
+    status: StatusCode,
+    msg: &str,
+    retry_after: Duration,
+    close: bool,
+) -> Response<Body> {
     let mut response = error_response(status, msg);
     set_retry_after(&mut response, retry_after);
     if close {

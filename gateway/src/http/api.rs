@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 
 use chatoy_protocol::bus::UserEvent;
-use chatoy_protocol::http::{Credentials, LoginReply, NewRoom, RoomId};
-use chatoy_protocol::{validate, Timestamp};
+use chatoy_protocol::http::{Credentials, LoginReply, NewRoom, Room, RoomId, User};
+use chatoy_protocol::{validate, Message, Timestamp};
 use chatoy_store::StoreError;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -76,7 +76,7 @@ pub(super) async fn register(shared: &Shared, req: Request<Incoming>, addr: IpAd
 pub(super) async fn get_user(shared: &Shared, id: &str) -> Reply<Response<Body>> {
     let id = parse_id(id)?;
     match shared.store.user(id).await {
-        Ok(Some(user)) => Ok(json_response(StatusCode::OK, &user)),
+        Ok(Some(user)) => Ok(json_response(StatusCode::OK, &User::from(user))),
         Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "no such user")),
         Err(err) => Err(store_error(err)),
     }
@@ -143,7 +143,7 @@ pub(super) async fn login(shared: &Shared, req: Request<Incoming>, addr: IpAddr)
         &LoginReply {
             code: 0,
             msg: issued.token,
-            user: Some(user),
+            user: Some(user.into()),
         },
     ))
 }
@@ -206,13 +206,14 @@ async fn announce_join(shared: &Shared, user: u64, room: u64) {
 pub(super) async fn my_rooms(shared: &Shared, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let rooms = shared.store.user_rooms(user).await.map_err(store_error)?;
+    let rooms: Vec<Room> = rooms.into_iter().map(Room::from).collect();
     Ok(json_response(StatusCode::OK, &rooms))
 }
 
 pub(super) async fn get_room(shared: &Shared, id: &str) -> Reply<Response<Body>> {
     let id = parse_id(id)?;
     match shared.store.room(id).await {
-        Ok(Some(room)) => Ok(json_response(StatusCode::OK, &room)),
+        Ok(Some(room)) => Ok(json_response(StatusCode::OK, &Room::from(room))),
         Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "no such room")),
         Err(err) => Err(store_error(err)),
     }
@@ -268,5 +269,6 @@ pub(super) async fn history(shared: &Shared, req: Request<Incoming>, id: &str) -
         .history(room, before, limit)
         .await
         .map_err(store_error)?;
+    let messages: Vec<Message> = messages.into_iter().map(Message::from).collect();
     Ok(json_response(StatusCode::OK, &messages))
 }

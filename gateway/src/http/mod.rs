@@ -8,7 +8,7 @@ mod api;
 mod cors;
 mod web;
 
-use admission::{client_addr, refusal};
+use admission::{client_addr, refused_response};
 pub(crate) use admission::{AddrBuckets, Admission};
 use api::{create_room, get_room, get_user, history, join_room, login, logout, my_rooms, register};
 use cors::{add_cors, check_origin, preflight};
@@ -164,7 +164,7 @@ pub(crate) async fn handle(
                 (&shared.metrics.refused_conn_rate, "too many new connections")
             };
             metric.inc();
-            return Ok(refusal(refused.status, msg, refused.retry_after, true));
+            return Ok(refused_response(refused.status, msg, refused.retry_after, true));
         }
         conn.admitted.store(true, Ordering::Relaxed);
     }

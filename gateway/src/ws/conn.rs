@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::mailbox::{Outbound, Pushed, RecvKey};
-use super::registry::{Added, Peer};
+use super::registry::{Added, SocketHandle};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
 use crate::limit::Bucket;
@@ -134,11 +134,11 @@ async fn serve(shared: &Arc<Shared>, ws: &mut Socket) {
     shared.metrics.sockets_open.inc();
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     // Boxed: the auth phase's state is large and must not live as long as the socket.
-    let Some((peer, mut live)) = Box::pin(authenticate(shared, ws, conn)).await else {
+    let Some((socket, mut live)) = Box::pin(authenticate(shared, ws, conn)).await else {
         return;
     };
-    run(shared, ws, &peer, &mut live).await;
-    shared.registry.remove(&peer);
+    run(shared, ws, &socket, &mut live).await;
+    shared.registry.remove(&socket);
 }
 
 /// Per room, the newest `sent` already replayed by `since`; live frames up to it are dropped.
@@ -176,8 +176,8 @@ fn send_refusal(code: SendCode, uuid: String) -> Bytes {
     encode(&ServerFrame::send(code, code.message(), uuid, Timestamp::now()))
 }
 
-fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
-    if peer
+fn queue(shared: &Shared, socket: &SocketHandle, frame: Bytes) {
+    if socket
         .mailbox
         .push(Outbound::control(frame), shared.config.outbound_queue)
         == Pushed::Overflowed
@@ -186,7 +186,7 @@ fn queue(shared: &Shared, peer: &Peer, frame: Bytes) {
     }
 }
 
-async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut Bucket, text: &[u8]) {
+async fn handle_text(shared: &Arc<Shared>, socket: &Arc<SocketHandle>, limit: &mut Bucket, text: &[u8]) {
     let metrics = &shared.metrics;
     match ClientFrame::parse(text) {
         Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth | FrameError::BadSince(_)) => {
@@ -194,30 +194,30 @@ async fn handle_text(shared: &Arc<Shared>, peer: &Arc<Peer>, limit: &mut Bucket,
             metrics.out_auth.inc();
             queue(
                 shared,
-                peer,
+                socket,
                 encode(&ServerFrame::auth(AuthCode::AlreadyAuthenticated)),
             );
         }
         Ok(ClientFrame::Msg { uuid, room, data }) => {
             metrics.in_msg.inc();
-            handle_msg(shared, peer, limit, uuid, room, data).await;
+            handle_msg(shared, socket, limit, uuid, room, data).await;
         }
         Err(FrameError::BadMsg { uuid }) => {
             metrics.in_msg.inc();
             metrics.ack(SendCode::Invalid);
-            queue(shared, peer, send_refusal(SendCode::Invalid, uuid));
+            queue(shared, socket, send_refusal(SendCode::Invalid, uuid));
         }
         Err(FrameError::Unreadable(msg)) => {
             metrics.in_invalid.inc();
             metrics.out_error.inc();
-            queue(shared, peer, error_frame(msg));
+            queue(shared, socket, error_frame(msg));
         }
     }
 }
 
 async fn handle_msg(
     shared: &Arc<Shared>,
-    peer: &Arc<Peer>,
+    socket: &Arc<SocketHandle>,
     limit: &mut Bucket,
     uuid: String,
     room: u64,
@@ -236,7 +236,7 @@ async fn handle_msg(
             shared.metrics.ack(SendCode::Invalid);
             queue(
                 shared,
-                peer,
+                socket,
                 encode(&ServerFrame::send(SendCode::Invalid, why, uuid, Timestamp::now())),
             );
             return;
@@ -245,17 +245,17 @@ async fn handle_msg(
     let (rate, burst) = (shared.config.msg_rate, shared.config.msg_burst);
     if limit.take(rate, burst, Instant::now()).is_err() {
         shared.metrics.ack(SendCode::RateLimited);
-        queue(shared, peer, send_refusal(SendCode::RateLimited, uuid));
+        queue(shared, socket, send_refusal(SendCode::RateLimited, uuid));
         return;
     }
     let request = MsgRequest {
         uuid: id,
-        sender: peer.user,
+        sender: socket.user,
         room,
         content: data,
         origin: Origin {
             gateway: shared.gateway_id,
-            conn: peer.id,
+            conn: socket.id,
         },
     };
     // Submitted here, in the socket's task, so one socket's messages keep their order; only
@@ -264,7 +264,7 @@ async fn handle_msg(
     let timeout = shared.config.send_timeout;
     let submitted = tokio::time::timeout(timeout, shared.bus.submit(request)).await;
     shared.metrics.bus_submit.observe(started.elapsed().as_secs_f64());
-    let (shared, peer) = (shared.clone(), peer.clone());
+    let (shared, socket) = (shared.clone(), socket.clone());
     tokio::spawn(async move {
         let answer = match submitted {
             Ok(Ok(pending)) => {
@@ -291,7 +291,7 @@ async fn handle_msg(
             .observe(started.elapsed().as_secs_f64());
         queue(
             &shared,
-            &peer,
+            &socket,
             encode(&ServerFrame::send(reply.code, reply.msg, uuid, reply.sent)),
         );
     });

@@ -129,7 +129,7 @@ impl Registry {
                         Some(event) if event.sent == message.sent => event.origin,
                         _ => Origin { gateway: 0, conn: 0 },
                     };
-                    batch.push(RoomEvent::new(message, None, origin));
+                    batch.push(RoomEvent::new(message.into(), None, origin));
                 }
                 match event {
                     Some(event) if event.sent > newest && event.prev.is_some() => {
@@ -178,16 +178,16 @@ impl Registry {
             .collect();
         let mut delivered = 0;
         for member in members.lock().iter() {
-            for peer in member.peers.lock().iter() {
+            for socket in member.sockets.lock().iter() {
                 let own = Origin {
                     gateway: self.gateway,
-                    conn: peer.id,
+                    conn: socket.id,
                 };
                 let items = frames
                     .iter()
                     .filter(|(_, origin)| *origin != own)
                     .map(|(item, _)| item.clone());
-                let (queued, pushed) = peer.mailbox.push_all(items, self.queue_bound);
+                let (queued, pushed) = socket.mailbox.push_all(items, self.queue_bound);
                 delivered += queued;
                 if pushed == Pushed::Overflowed {
                     self.metrics.slow_consumers.inc();

@@ -26,7 +26,7 @@ use super::wire::{self, CloseReason};
 use crate::metrics::Metrics;
 
 /// What the rest of the gateway knows about one authenticated socket.
-pub(crate) struct Peer {
+pub(crate) struct SocketHandle {
     /// Unique within this gateway.
     pub(crate) id: u64,
     /// The authenticated user.
@@ -43,9 +43,9 @@ pub(crate) struct Peer {
     last_seen: AtomicU64,
 }
 
-impl Peer {
-    pub(crate) fn new(id: u64, user: u64, token_hash: [u8; 32], expires: Timestamp) -> Peer {
-        Peer {
+impl SocketHandle {
+    pub(crate) fn new(id: u64, user: u64, token_hash: [u8; 32], expires: Timestamp) -> SocketHandle {
+        SocketHandle {
             id,
             user,
             session: crate::accounts::session_key(&token_hash),
@@ -84,7 +84,7 @@ enum Rooms {
 /// One local user: its sockets and its rooms.
 pub(crate) struct Member {
     pub(crate) user: u64,
-    pub(crate) peers: Mutex<Vec<Arc<Peer>>>,
+    pub(crate) sockets: Mutex<Vec<Arc<SocketHandle>>>,
     rooms: Mutex<Vec<u64>>,
     loaded: watch::Sender<Rooms>,
 }
@@ -97,8 +97,8 @@ impl Member {
 
     /// Queues `reason`'s close on every socket of the user.
     fn close(&self, reason: CloseReason) {
-        for peer in self.peers.lock().iter() {
-            peer.mailbox.close(reason);
+        for socket in self.sockets.lock().iter() {
+            socket.mailbox.close(reason);
         }
     }
 }
@@ -158,23 +158,23 @@ impl Registry {
     /// Registers an authenticated socket with its user, unless the user has `max` sockets here
     /// already. Call before reading the user's rooms from the store, so that a join in between
     /// is not missed.
-    pub(crate) fn add(&self, peer: &Arc<Peer>, max: usize) -> Added {
+    pub(crate) fn add(&self, socket: &Arc<SocketHandle>, max: usize) -> Added {
         let mut users = self.users.lock();
-        if let Some(member) = users.get(&peer.user) {
-            let mut peers = member.peers.lock();
-            if peers.len() >= max {
+        if let Some(member) = users.get(&socket.user) {
+            let mut sockets = member.sockets.lock();
+            if sockets.len() >= max {
                 return Added::TooMany;
             }
-            peers.push(peer.clone());
+            sockets.push(socket.clone());
             return Added::Another(member.clone());
         }
         let member = Arc::new(Member {
-            user: peer.user,
-            peers: Mutex::new(vec![peer.clone()]),
+            user: socket.user,
+            sockets: Mutex::new(vec![socket.clone()]),
             rooms: Mutex::new(Vec::new()),
             loaded: watch::channel(Rooms::Loading).0,
         });
-        users.insert(peer.user, member.clone());
+        users.insert(socket.user, member.clone());
         Added::First(member)
     }
 
@@ -273,12 +273,12 @@ impl Registry {
             ticks.tick().await;
             let (now, wall) = (clock(), Timestamp::now());
             for member in self.members() {
-                for peer in member.peers.lock().iter() {
-                    if wall >= peer.expires {
-                        peer.mailbox.close(CloseReason::EXPIRED);
-                    } else if now.saturating_sub(peer.last_seen.load(Ordering::Relaxed)) >= idle_ms {
-                        peer.mailbox.close(CloseReason::IDLE);
-                    } else if peer.mailbox.push(
+                for socket in member.sockets.lock().iter() {
+                    if wall >= socket.expires {
+                        socket.mailbox.close(CloseReason::EXPIRED);
+                    } else if now.saturating_sub(socket.last_seen.load(Ordering::Relaxed)) >= idle_ms {
+                        socket.mailbox.close(CloseReason::IDLE);
+                    } else if socket.mailbox.push(
                         Outbound::control(Bytes::from_static(wire::PING)),
                         self.queue_bound,
                     ) == Pushed::Overflowed
@@ -299,16 +299,16 @@ impl Registry {
 
     /// Removes a closing socket; a user left without sockets leaves its rooms, and
     /// subscriptions left without members are dropped.
-    pub(crate) fn remove(&self, peer: &Peer) {
+    pub(crate) fn remove(&self, socket: &SocketHandle) {
         let gone = {
             let mut users = self.users.lock();
-            let Some(member) = users.get(&peer.user).cloned() else {
+            let Some(member) = users.get(&socket.user).cloned() else {
                 return;
             };
-            let mut peers = member.peers.lock();
-            peers.retain(|p| p.id != peer.id);
-            if peers.is_empty() {
-                users.remove(&peer.user);
+            let mut sockets = member.sockets.lock();
+            sockets.retain(|p| p.id != socket.id);
+            if sockets.is_empty() {
+                users.remove(&socket.user);
                 Some(member.clone())
             } else {
                 None
@@ -346,8 +346,13 @@ impl Registry {
                         // The subscription becomes active on its own; live traffic follows.
                         UserEvent::Joined { room } => drop(self.join(&member, room)),
                         UserEvent::Revoked { session } => {
-                            for peer in member.peers.lock().iter().filter(|peer| peer.session == session) {
-                                peer.mailbox.close(CloseReason::REVOKED);
+                            for socket in member
+                                .sockets
+                                .lock()
+                                .iter()
+                                .filter(|socket| socket.session == session)
+                            {
+                                socket.mailbox.close(CloseReason::REVOKED);
                             }
                         }
                     }
@@ -384,10 +389,10 @@ impl Registry {
                     continue;
                 }
             }
-            let peers = member.peers.lock().clone();
-            for peer in peers {
-                if let Ok(None) = self.store.session(&peer.token_hash, now).await {
-                    peer.mailbox.close(CloseReason::REVOKED);
+            let sockets = member.sockets.lock().clone();
+            for socket in sockets {
+                if let Ok(None) = self.store.session(&socket.token_hash, now).await {
+                    socket.mailbox.close(CloseReason::REVOKED);
                 }
             }
         }

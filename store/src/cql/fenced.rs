@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 
-use chatoy_protocol::{Message, Timestamp};
+use chatoy_protocol::Timestamp;
 use futures_util::future::try_join_all;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use super::exec::{lwt, read_all, read_one, write, CqlError, CqlResult};
 use super::CqlStore;
-use crate::{Fence, NewMessage, PendingWrite, RoomBatch, StoreError, StoreResult};
+use crate::{Fence, NewMessage, PendingWrite, RoomBatch, StoreError, StoreResult, StoredMessage};
 
 /// The lowest client timestamp a fenced write carries: above any wall-clock microsecond value.
 const TIMESTAMP_BASE: i64 = 1 << 60;
@@ -300,8 +300,7 @@ impl CqlStore {
                 packer.push(&self.statements.messages_after_delete, Box::new(values), 32);
             }
             for message in &plan.messages {
-                let content = serde_json::to_string(&message.content)
-                    .map_err(|err| CqlError::Inconsistent(format!("cannot encode message content: {err}")))?;
+                let content = message.content.encode();
                 let size = content.len() + 64;
                 let bucket = self.bucket(message.sent.0);
                 let row = (
@@ -322,7 +321,7 @@ impl CqlStore {
     }
 
     /// The stored messages of `room` among `uuids`.
-    pub(super) async fn find_fenced(&self, room: u64, uuids: &[Uuid]) -> CqlResult<Vec<Message>> {
+    pub(super) async fn find_fenced(&self, room: u64, uuids: &[Uuid]) -> CqlResult<Vec<StoredMessage>> {
         let mut wanted = uuids.to_vec();
         wanted.sort_unstable();
         wanted.dedup();

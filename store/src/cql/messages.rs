@@ -15,13 +15,14 @@
 
 use std::collections::VecDeque;
 
-use chatoy_protocol::{Message, MessageContent, Timestamp};
+use chatoy_protocol::Timestamp;
 use scylla::response::PagingState;
 use scylla::statement::prepared::PreparedStatement;
 use uuid::Uuid;
 
 use super::exec::{collect_rows, read_all, read_one, write, CqlError, CqlResult};
 use super::CqlStore;
+use crate::{Content, StoredMessage};
 
 /// How often, and how long each time, a reader waits for a room's seal to complete.
 const SEAL_WAIT_ROUNDS: u32 = 50;
@@ -35,14 +36,17 @@ pub(super) type SequenceRow = (Option<i64>, Option<i64>, Option<i64>, Option<i64
 /// A message row as selected (`sent, uuid, sender, content, modified`).
 type MessageRow = (i64, Uuid, i64, String, Option<bool>);
 
-fn message_from_row(room: u64, (sent, uuid, sender, content, modified): MessageRow) -> CqlResult<Message> {
-    let data: MessageContent = serde_json::from_str(&content)
+fn message_from_row(
+    room: u64,
+    (sent, uuid, sender, content, modified): MessageRow,
+) -> CqlResult<StoredMessage> {
+    let content = Content::decode(&content)
         .map_err(|err| CqlError::Inconsistent(format!("message {uuid} has unreadable content: {err}")))?;
-    Ok(Message {
-        uuid: uuid.hyphenated().to_string(),
+    Ok(StoredMessage {
+        uuid,
         sender: sender as u64,
         room,
-        data,
+        content,
         sent: Timestamp(sent),
         modified: modified.unwrap_or(false),
     })
@@ -159,7 +163,7 @@ impl CqlStore {
         bucket: i64,
         sent: i64,
         uuid: Uuid,
-    ) -> CqlResult<Option<Message>> {
+    ) -> CqlResult<Option<StoredMessage>> {
         let row: Option<MessageRow> = read_one(
             &self.session,
             &self.statements.message_at,
@@ -209,7 +213,12 @@ impl CqlStore {
     }
 
     /// Up to `limit` messages with `sent < before` (and not past the head), newest first.
-    pub(super) async fn history_of(&self, room: u64, before: i64, limit: usize) -> CqlResult<Vec<Message>> {
+    pub(super) async fn history_of(
+        &self,
+        room: u64,
+        before: i64,
+        limit: usize,
+    ) -> CqlResult<Vec<StoredMessage>> {
         let before = match self.head(room).await? {
             Some(head) => before.min(head.saturating_add(1)),
             None => before,
@@ -222,7 +231,12 @@ impl CqlStore {
     /// The newest `limit` messages with `sent > after` and not past the head, oldest first. A
     /// batch being written becomes visible at once, when its head is recorded: a reader never
     /// sees a later message of a batch without an earlier one.
-    pub(super) async fn since_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<Vec<Message>> {
+    pub(super) async fn since_of(
+        &self,
+        room: u64,
+        after: i64,
+        limit: usize,
+    ) -> CqlResult<Vec<StoredMessage>> {
         let head = self.head(room).await?.unwrap_or(i64::MAX);
         let mut messages = Vec::new();
         if limit == 0 || head <= after {
@@ -262,7 +276,7 @@ impl CqlStore {
         statement: &PreparedStatement,
         bound: i64,
         limit: usize,
-    ) -> CqlResult<Vec<Message>> {
+    ) -> CqlResult<Vec<StoredMessage>> {
         let mut messages = Vec::new();
         if limit == 0 {
             return Ok(messages);
@@ -334,7 +348,12 @@ impl CqlStore {
 
     /// See [`crate::Store::page_after`]: walks the room's buckets oldest first from `after`'s,
     /// up to the head.
-    pub(super) async fn page_after_of(&self, room: u64, after: i64, limit: usize) -> CqlResult<Vec<Message>> {
+    pub(super) async fn page_after_of(
+        &self,
+        room: u64,
+        after: i64,
+        limit: usize,
+    ) -> CqlResult<Vec<StoredMessage>> {
         let head = self.head(room).await?.unwrap_or(i64::MAX);
         let mut messages = Vec::new();
         if limit == 0 || head <= after {

@@ -7,7 +7,7 @@ pub(super) async fn authenticate(
     shared: &Arc<Shared>,
     ws: &mut Socket,
     conn: u64,
-) -> Option<(Arc<Peer>, Live)> {
+) -> Option<(Arc<SocketHandle>, Live)> {
     let deadline = tokio::time::sleep(shared.config.auth_timeout);
     tokio::pin!(deadline);
     let mut failures = 0;
@@ -28,7 +28,7 @@ pub(super) async fn authenticate(
             ReadOutcome::Text(text) => text,
             ReadOutcome::Nothing => continue,
             ReadOutcome::Closed(reason) => {
-                finish(ws, reason, timeout).await;
+                close_socket(ws, reason, timeout).await;
                 return None;
             }
         };
@@ -99,11 +99,11 @@ pub(super) async fn admit(
     session: Session,
     token_hash: [u8; 32],
     since: Option<Since>,
-) -> Option<(Arc<Peer>, Live)> {
+) -> Option<(Arc<SocketHandle>, Live)> {
     let timeout = shared.config.write_timeout;
     let user = session.user_id;
-    let peer = Arc::new(Peer::new(conn, user, token_hash, session.expires));
-    let member = match shared.registry.add(&peer, shared.config.max_sockets_per_user) {
+    let socket = Arc::new(SocketHandle::new(conn, user, token_hash, session.expires));
+    let member = match shared.registry.add(&socket, shared.config.max_sockets_per_user) {
         Added::TooMany => {
             shared.metrics.refused_sockets_per_user.inc();
             let _ = write_raw(ws, &wire::close(CloseReason::TOO_MANY_SOCKETS), timeout).await;
@@ -111,12 +111,12 @@ pub(super) async fn admit(
         }
         added => added,
     };
-    let registered = register(shared, &peer, member).await;
+    let registered = register(shared, &socket, member).await;
     let rooms = match registered {
         Ok(rooms) => rooms,
         Err(err) => {
             tracing::warn!(cause = %err, user, "cannot register socket");
-            shared.registry.remove(&peer);
+            shared.registry.remove(&socket);
             let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
             return None;
         }
@@ -126,16 +126,16 @@ pub(super) async fn admit(
         .await
         .is_err()
     {
-        shared.registry.remove(&peer);
+        shared.registry.remove(&socket);
         return None;
     }
     let Some(since) = since else {
-        return Some((peer, Live::new(&shared.config, None)));
+        return Some((socket, Live::new(&shared.config, None)));
     };
     match replay(shared, ws, &rooms, &since).await {
-        Ok(seam) => Some((peer, Live::new(&shared.config, Some(seam)))),
+        Ok(seam) => Some((socket, Live::new(&shared.config, Some(seam)))),
         Err(()) => {
-            shared.registry.remove(&peer);
+            shared.registry.remove(&socket);
             let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
             None
         }
@@ -146,12 +146,12 @@ pub(super) async fn admit(
 /// others find them) and waits until every room's subscription is active; returns the rooms.
 pub(super) async fn register(
     shared: &Arc<Shared>,
-    peer: &Arc<Peer>,
+    socket: &Arc<SocketHandle>,
     added: Added,
 ) -> Result<Vec<u64>, String> {
     // A shutdown that began before `add` did not find this socket in `close_all`.
     if shared.shutdown.is_cancelled() {
-        peer.mailbox.close(CloseReason::GOING_AWAY);
+        socket.mailbox.close(CloseReason::GOING_AWAY);
     }
     let (member, waits) = match added {
         Added::First(member) => {
@@ -214,7 +214,7 @@ pub(super) async fn replay(
             let got = page.len();
             for message in page {
                 cursor = message.sent;
-                out.extend_from_slice(&wire::text(&recv_frame(message)));
+                out.extend_from_slice(&wire::text(&recv_frame(message.into())));
                 if out.len() >= 64 * 1024 {
                     write_raw(ws, &out, shared.config.write_timeout).await?;
                     out.clear();

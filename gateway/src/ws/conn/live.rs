@@ -25,17 +25,17 @@ impl Live {
     }
 }
 
-pub(super) async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>, live: &mut Live) {
+pub(super) async fn run(shared: &Arc<Shared>, ws: &mut Socket, socket: &Arc<SocketHandle>, live: &mut Live) {
     // The idle state is only this `select!`: pings, the idle timeout and shutdown reach the
     // socket through its mailbox (see `Registry::keepalive` and `Registry::close_all`), and the
     // work after a wake-up runs in a boxed future, so none of it is part of every idle
     // socket's task.
     loop {
         let wake = tokio::select! {
-            _ = peer.mailbox.wait() => Wake::Mailbox,
+            _ = socket.mailbox.wait() => Wake::Mailbox,
             item = ws.next() => Wake::Read(item),
         };
-        if Box::pin(on_wake(shared, ws, peer, live, wake)).await {
+        if Box::pin(on_wake(shared, ws, socket, live, wake)).await {
             return;
         }
     }
@@ -45,23 +45,23 @@ pub(super) async fn run(shared: &Arc<Shared>, ws: &mut Socket, peer: &Arc<Peer>,
 pub(super) async fn on_wake(
     shared: &Arc<Shared>,
     ws: &mut Socket,
-    peer: &Arc<Peer>,
+    socket: &Arc<SocketHandle>,
     live: &mut Live,
     wake: Wake,
 ) -> bool {
     let timeout = shared.config.write_timeout;
     match wake {
-        Wake::Mailbox => !matches!(flush(ws, peer, &mut live.seam, timeout).await, Ok(false)),
+        Wake::Mailbox => !matches!(flush(ws, socket, &mut live.seam, timeout).await, Ok(false)),
         Wake::Read(item) => {
-            peer.seen();
+            socket.seen();
             match classify_read(item) {
                 ReadOutcome::Text(text) => {
-                    handle_text(shared, peer, &mut live.limit, text.as_bytes()).await;
+                    handle_text(shared, socket, &mut live.limit, text.as_bytes()).await;
                     false
                 }
                 ReadOutcome::Nothing => false,
                 ReadOutcome::Closed(reason) => {
-                    finish(ws, reason, timeout).await;
+                    close_socket(ws, reason, timeout).await;
                     true
                 }
             }
@@ -73,11 +73,11 @@ pub(super) async fn on_wake(
 /// socket is done.
 pub(super) async fn flush(
     ws: &mut Socket,
-    peer: &Peer,
+    socket: &SocketHandle,
     seam: &mut Seam,
     timeout: Duration,
 ) -> Result<bool, ()> {
-    let drained = peer.mailbox.drain();
+    let drained = socket.mailbox.drain();
     let mut frames = drained.frames;
     if let Some(filter) = seam.as_mut() {
         frames.retain(|item| item.recv.is_none_or(|key| keep_after_seam(filter, key)));
@@ -123,7 +123,7 @@ pub(super) fn keep_after_seam(filter: &mut HashMap<u64, Timestamp>, key: RecvKey
 
 /// Ends a socket whose read side ended: with our close frame for a violation, or by sending the
 /// close reply tungstenite queued when the client closed first.
-pub(super) async fn finish(ws: &mut Socket, reason: Option<CloseReason>, timeout: Duration) {
+pub(super) async fn close_socket(ws: &mut Socket, reason: Option<CloseReason>, timeout: Duration) {
     match reason {
         Some(reason) => {
             let _ = write_raw(ws, &wire::close(reason), timeout).await;
