@@ -3,8 +3,8 @@
 
 use serde_json::json;
 
-use crate::harness::{new_uuid, ts, Ws};
-use crate::minicluster::{Cluster, Spec};
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{new_uuid, ts, Ws};
 
 #[tokio::test]
 async fn acked_on_one_gateway_reaches_members_on_the_other() {
@@ -21,7 +21,7 @@ async fn acked_on_one_gateway_reaches_members_on_the_other() {
     let mut bob_1 = Ws::authed_url(&cluster.ws_url(1), &bob.token).await;
     // The sockets really are where they were pinned.
     for n in [1, 2] {
-        let on = crate::harness::Api::new(cluster.gateway_url(n), vec![cluster.gateway_url(n)]);
+        let on = chatoy_testkit::Api::new(cluster.gateway_url(n), vec![cluster.gateway_url(n)]);
         assert_eq!(on.metric("chatoy_sockets_open").await, Some(2.0), "gateway {n}");
     }
 

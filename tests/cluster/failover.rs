@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat};
 
-use crate::harness::{assert_auth, Ws};
 use crate::load::{
     assert_subsequence, checked_histories, flush_with_markers, got_in, mesh, others_of, run_all, until_count,
 };
-use crate::minicluster::{Cluster, Spec};
 use crate::ordering::LOAD_FLAGS;
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{assert_auth, Ws};
 
 /// Nanoseconds since the epoch as RFC 3339 with nine fractional digits.
 fn rfc3339(nanos: i64) -> String {

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::Ws;
 use crate::load::{checked_histories, percentile, run_all, users, Peer};
-use crate::minicluster::{Cluster, Spec};
 use crate::ordering::LOAD_FLAGS;
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::Ws;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_latency_ten_clients_window_one() {

@@ -5,8 +5,8 @@
 
 use serde_json::json;
 
-use crate::harness::{new_uuid, Ws};
-use crate::minicluster::{Cluster, Spec};
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{new_uuid, Ws};
 
 #[tokio::test]
 async fn a_process_with_another_partition_count_stops_with_the_reason() {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{assert_send, msg_frame, new_uuid, recv_data, ts, Api, Event, TestUser, Ws, WAIT};
-use crate::minicluster::Cluster;
+use chatoy_testkit::minicluster::Cluster;
+use chatoy_testkit::{assert_send, msg_frame, new_uuid, recv_data, ts, Api, Event, TestUser, Ws, WAIT};
 
 /// One message a socket will send.
 #[derive(Debug, Clone)]
@@ -255,28 +255,18 @@ pub(crate) async fn flush_with_markers(host: &mut Ws, rooms: &[u64], peers: &mut
     markers.into_keys().collect()
 }
 
-/// A room's whole history, oldest first, without `skip`: paged with `before` = the oldest
-/// `sent` of the previous page. Asserts every uuid appears once and `sent` strictly increases.
+/// A room's whole history, oldest first, without `skip`. Asserts every uuid appears once and
+/// `sent` strictly increases.
 pub(crate) async fn full_history(
     api: &Api,
     token: &str,
     room: u64,
     skip: &HashSet<String>,
 ) -> Vec<(String, i64)> {
-    let mut newest_first = Vec::new();
-    let mut before: Option<String> = None;
-    loop {
-        let page = api.history(token, room, before.as_deref(), Some(200)).await;
-        let Some(oldest) = page.last() else { break };
-        before = Some(oldest["sent"].as_str().expect("sent").to_owned());
-        for message in &page {
-            let uuid = message["uuid"].as_str().expect("uuid").to_owned();
-            newest_first.push((uuid, ts(message["sent"].as_str().expect("sent"))));
-        }
-    }
-    let history: Vec<(String, i64)> = newest_first
+    let history: Vec<(String, i64)> = api
+        .full_history(token, room)
+        .await
         .into_iter()
-        .rev()
         .filter(|(uuid, _)| !skip.contains(uuid))
         .collect();
     let unique: HashSet<&String> = history.iter().map(|(uuid, _)| uuid).collect();
@@ -378,7 +368,7 @@ pub(crate) async fn users(api: &Api, prefix: &str, count: usize) -> Vec<TestUser
 
 /// Waits (bounded) until `counter` reaches `target`.
 pub(crate) async fn until_count(counter: &AtomicUsize, target: usize, what: &str) {
-    crate::harness::within(Duration::from_secs(120), what, async {
+    chatoy_testkit::within(Duration::from_secs(120), what, async {
         while counter.load(Ordering::SeqCst) < target {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -470,7 +460,7 @@ pub(crate) async fn run_all(
         .collect();
     let mut done = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let peer = crate::harness::within(limit, "a peer to send its plan", task)
+        let peer = chatoy_testkit::within(limit, "a peer to send its plan", task)
             .await
             .expect("peer task panicked");
         done.push(peer);

@@ -4,13 +4,9 @@
 //! under load, `chatoy migrate` twice, and a process with another partition count refused. (The
 //! CQL node going away is `tests/cql_down`: it stops the shared node, so it runs alone.)
 
-// The end-to-end fixtures; these tests use only part of them.
-#[allow(dead_code)]
-#[path = "../e2e/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../e2e/minicluster.rs"]
-mod minicluster;
+//!
+//! The fixtures (processes, mini-clusters, clients, the resilient client and its checker) are
+//! the `chatoy-testkit` crate's.
 
 mod cross_gateway;
 mod failover;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::load::{finish, got_in, mesh, others_of, run_all};
-use crate::minicluster::{Cluster, Spec};
+use chatoy_testkit::minicluster::{Cluster, Spec};
 
 /// Gateway flags of the load tests: no rate limit in the way, a short send timeout.
 pub(crate) const LOAD_FLAGS: [&str; 8] = [

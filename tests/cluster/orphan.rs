@@ -6,8 +6,8 @@ use chatoy_protocol::Timestamp;
 use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
 use serde_json::json;
 
-use crate::harness::{assert_send, new_uuid, ts, Ws};
-use crate::minicluster::{Cluster, Spec};
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{assert_send, new_uuid, ts, Ws};
 
 #[tokio::test]
 async fn a_stored_but_unpublished_message_is_delivered_before_the_next() {

@@ -14,8 +14,8 @@ use chatoy_protocol::{partition_of, Timestamp};
 use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
 use serde_json::json;
 
-use crate::harness::{new_uuid, ts, uuids_by_room, Ws};
-use crate::minicluster::{Cluster, Spec};
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{new_uuid, ts, uuids_by_room, Ws};
 
 /// The cluster's partition count (tests/e2e/minicluster.rs).
 const PARTITIONS: u32 = 16;

@@ -8,21 +8,16 @@
 //! The cluster is the script's own (its routers, gateways and HAProxy in a private run
 //! directory) on the shared NATS and Cassandra, with a fresh keyspace and NATS prefix.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::harness::{assert_auth, random_hex, run_command, Api, TempDir, Ws};
-use crate::minicluster::{delete_streams, drop_keyspace, scrub_env, Services};
-
-#[allow(dead_code)]
-#[path = "../faults/client.rs"]
-mod client;
-
-use client::{Control, Member, MemberSpec, Seen};
+use chatoy_testkit::minicluster::{delete_streams, drop_keyspace};
+use chatoy_testkit::resilient::{check, Crowd, MemberSpec};
+use chatoy_testkit::services::Services;
+use chatoy_testkit::{
+    assert_auth, chatoy_binary, random_hex, run_checked, script, scrub_env, Api, TempDir, Ws,
+};
 
 const ROOMS: usize = 3;
 const SENDERS: usize = 6;
@@ -62,13 +57,12 @@ impl ScriptCluster {
 
     /// Runs the script; fails the test if it fails; returns the URL it printed last.
     async fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> String {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/cluster");
-        let mut command = Command::new(script);
+        let mut command = Command::new(script("cluster"));
         command.args(args);
         scrub_env(&mut command);
         command
             .env("CHATOY_RUN_DIR", self.run_dir.path())
-            .env("CHATOY_BIN", env!("CARGO_BIN_EXE_chatoy"))
+            .env("CHATOY_BIN", chatoy_binary())
             .env("CHATOY_NATS_URL", &self.services.nats_url)
             .env("CHATOY_CQL_NODES", &self.services.cql_nodes)
             .env("CHATOY_KEYSPACE", &self.keyspace)
@@ -89,8 +83,7 @@ impl ScriptCluster {
             .path()
             .join(format!("cluster-{}.log", args.join("-")));
         let what = format!("deploy/local/cluster {}", args.join(" "));
-        let (status, output) = run_command(&mut command, &log, Duration::from_secs(300), &what).await;
-        assert!(status.success(), "{what} failed ({status}):\n{output}");
+        let output = run_checked(&mut command, &log, Duration::from_secs(300), &what).await;
         output
             .lines()
             .filter_map(|line| line.strip_prefix("CHATOY_URL="))
@@ -133,8 +126,7 @@ impl ScriptCluster {
 
 impl Drop for ScriptCluster {
     fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/cluster");
-        let mut command = Command::new(script);
+        let mut command = Command::new(script("cluster"));
         command.arg("down");
         scrub_env(&mut command);
         let stopped = command
@@ -192,44 +184,25 @@ async fn scale_gateways_3_1_3_under_load_loses_nothing() {
             start,
         });
     }
-    let control = Arc::new(Control::default());
-    let members: Vec<Member> = specs
-        .into_iter()
-        .map(|spec| Member {
-            spec,
-            seen: Arc::new(Mutex::new(Seen::default())),
-        })
-        .collect();
-    let tasks: Vec<_> = members
-        .iter()
-        .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
-        .collect();
-    wait_until(Duration::from_secs(30), "every member to connect", || {
-        members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
-    })
-    .await;
+    let mut crowd = Crowd::start(specs).await;
     for n in 1..=3 {
         assert_eq!(cluster.sockets_on(n).await, 3, "gateway {n} before scaling in");
     }
 
-    control.sending.store(true, Ordering::SeqCst);
     let load_began = Instant::now();
-    wait_until(Duration::from_secs(30), "the first acknowledgements", || {
-        acked_count(&members) > 0
-    })
-    .await;
+    crowd.start_sending().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 3 → 1: gateways 2 and 3 leave the HAProxy and drain; their members move to gateway 1.
     let scale_in = cluster.scale(1).await;
-    let acked_at_scale_in = acked_count(&members);
+    let acked_at_scale_in = crowd.acked_count();
+    let members = crowd.members.len();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut on_one = cluster.sockets_on(1).await;
-    while on_one != members.len() {
+    while on_one != members {
         assert!(
             Instant::now() < deadline,
-            "gateway 1 holds {on_one} sockets 30 s after scaling in, not the {} members'",
-            members.len()
+            "gateway 1 holds {on_one} sockets 30 s after scaling in, not the {members} members'"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         on_one = cluster.sockets_on(1).await;
@@ -253,120 +226,46 @@ async fn scale_gateways_3_1_3_under_load_loses_nothing() {
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    control.sending.store(false, Ordering::SeqCst);
+    crowd.stop_sending();
     let load_secs = load_began.elapsed().as_secs_f64();
-    wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
-        members
-            .iter()
-            .all(|m| m.seen.lock().expect("seen").unanswered == 0)
-    })
-    .await;
-    let acked = acked_by_room(&members);
-    wait_until(
-        SETTLE_LIMIT,
-        "every member to have every acknowledged message",
-        || {
-            members.iter().all(|member| {
-                let seen = member.seen.lock().expect("seen");
-                member.spec.rooms.iter().all(|room| {
-                    acked.get(room).is_none_or(|messages| {
-                        messages
-                            .keys()
-                            .all(|uuid| seen.have.contains(uuid) || seen.acked.contains_key(uuid))
-                    })
-                })
-            })
-        },
-    )
-    .await;
-    control.stop.store(true, Ordering::SeqCst);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    }
+    crowd.until_answered(SETTLE_LIMIT).await;
+    let acked = crowd.acked_by_room();
+    assert!(
+        crowd
+            .caught_up_after(&acked, Instant::now(), SETTLE_LIMIT)
+            .await
+            .is_some(),
+        "not every member had every acknowledged message within {SETTLE_LIMIT:?}"
+    );
+    crowd.stop().await;
     drop(fresh);
 
     // Check: every acknowledged message is stored once with its `sent`, and every member got
-    // every stored message of its rooms (its own excepted).
-    let mut lost = Vec::new();
-    let mut problems = Vec::new();
-    let mut histories = HashMap::new();
-    for &room in &rooms {
-        let history = full_history(&api, &host.token, room).await;
-        let stored: HashMap<&str, i64> = history.iter().map(|(u, s)| (u.as_str(), *s)).collect();
-        if stored.len() != history.len() {
-            problems.push(format!("room {room}: a uuid is stored twice"));
-        }
-        for (uuid, sent) in acked.get(&room).into_iter().flatten() {
-            match stored.get(uuid.as_str()) {
-                None => lost.push(format!("room {room}: acked {uuid} is not stored")),
-                Some(s) if s != sent => problems.push(format!(
-                    "room {room}: {uuid} acked and stored with different sent"
-                )),
-                Some(_) => {}
-            }
-        }
-        histories.insert(room, history);
-    }
-    let mut reconnects = 0;
-    let mut resends = 0;
-    let mut codes: HashMap<String, usize> = HashMap::new();
-    for member in &members {
-        let seen = member.seen.lock().expect("seen");
-        reconnects += seen.connects.saturating_sub(1);
-        resends += seen.resends;
-        for (code, n) in &seen.codes {
-            *codes.entry(code.clone()).or_default() += n;
-        }
-        problems.extend(seen.violations.iter().cloned());
-        for room in &member.spec.rooms {
-            let missing = histories[room]
-                .iter()
-                .filter(|(uuid, _)| !seen.have.contains(uuid) && !seen.acked.contains_key(uuid))
-                .count();
-            if missing > 0 {
-                lost.push(format!(
-                    "{}: {missing} messages of room {room} never arrived",
-                    member.spec.label
-                ));
-            }
-            let mut firsts = Vec::new();
-            let mut once = HashSet::new();
-            for (uuid, r, sent) in &seen.received {
-                if r == room && !seen.acked.contains_key(uuid) && once.insert(uuid.as_str()) {
-                    firsts.push(*sent);
-                }
-            }
-            if firsts.windows(2).any(|pair| pair[0] >= pair[1]) {
-                problems.push(format!(
-                    "{}: room {room} arrived out of sent order",
-                    member.spec.label
-                ));
-            }
-        }
-    }
-    let acked_total: usize = acked.values().map(HashMap::len).sum();
-    let mut codes: Vec<String> = codes.into_iter().map(|(code, n)| format!("{code}×{n}")).collect();
-    codes.sort();
+    // every stored message of its rooms (its own excepted), in `sent` order.
+    let verdict = check(&api, &host.token, &rooms, &crowd.members).await;
     println!(
-        "scale 3 → 1 → 3: acked {acked_total} ({:.0} msg/s; {acked_at_scale_in} before scaling in), \
-         lost {}, reconnects {reconnects}, resends {resends}, codes [{}]; scale-in took {scale_in:.1?}, \
+        "scale 3 → 1 → 3: acked {} ({:.0} msg/s; {acked_at_scale_in} before scaling in), \
+         lost {}, reconnects {}, resends {}, codes [{}]; scale-in took {scale_in:.1?}, \
          scale-out {scale_out:.1?}; {NEW_SOCKETS} new sockets on gateways 1/2/3: {}/{}/{}",
-        acked_total as f64 / load_secs,
-        lost.len(),
-        codes.join(" "),
+        verdict.acked,
+        verdict.acked as f64 / load_secs,
+        verdict.lost,
+        verdict.reconnects,
+        verdict.resends,
+        verdict.codes,
         spread[0],
         spread[1],
         spread[2],
     );
-    assert!(lost.is_empty(), "acknowledged messages lost: {lost:#?}");
-    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(verdict.passed(), "{verdict:#?}");
     assert!(
-        acked_total > acked_at_scale_in,
+        verdict.acked > acked_at_scale_in,
         "nothing was acknowledged after scaling in"
     );
     assert!(
-        codes.iter().any(|code| code.starts_with("close 1001")),
-        "the drained gateways closed no socket with 1001: {codes:?}"
+        verdict.codes.contains("close 1001"),
+        "the drained gateways closed no socket with 1001: {}",
+        verdict.codes
     );
     for (n, count) in spread.iter().enumerate().skip(1) {
         assert!(
@@ -374,54 +273,5 @@ async fn scale_gateways_3_1_3_under_load_loses_nothing() {
             "gateway {} got {count} of {NEW_SOCKETS} new sockets (1/2/3: {spread:?})",
             n + 1
         );
-    }
-}
-
-/// How many messages were answered code 0 so far.
-fn acked_count(members: &[Member]) -> usize {
-    members
-        .iter()
-        .map(|m| m.seen.lock().expect("seen").acked.len())
-        .sum()
-}
-
-/// Every message answered code 0, by room: uuid → sent.
-fn acked_by_room(members: &[Member]) -> HashMap<u64, HashMap<String, i64>> {
-    let mut rooms: HashMap<u64, HashMap<String, i64>> = HashMap::new();
-    for member in members {
-        for (uuid, (room, sent)) in &member.seen.lock().expect("seen").acked {
-            rooms.entry(*room).or_default().insert(uuid.clone(), *sent);
-        }
-    }
-    rooms
-}
-
-/// A room's whole history, oldest first (paged with `before`).
-async fn full_history(api: &Api, token: &str, room: u64) -> Vec<(String, i64)> {
-    let mut newest_first = Vec::new();
-    let mut before: Option<String> = None;
-    loop {
-        let page = api.history(token, room, before.as_deref(), Some(200)).await;
-        let Some(oldest) = page.last() else { break };
-        before = Some(oldest["sent"].as_str().expect("sent").to_owned());
-        for message in &page {
-            newest_first.push((
-                message["uuid"].as_str().expect("uuid").to_owned(),
-                crate::harness::ts(message["sent"].as_str().expect("sent")),
-            ));
-        }
-    }
-    newest_first.reverse();
-    newest_first
-}
-
-async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

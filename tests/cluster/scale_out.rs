@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{assert_auth, within, Api, Ws};
 use crate::load::{finish, got_in, mesh, next_recv_of, others_of, run_all};
-use crate::minicluster::{Cluster, Spec};
 use crate::ordering::LOAD_FLAGS;
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::{assert_auth, within, Api, Ws};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_gateway_serves_new_sockets_at_once() {
@@ -60,7 +60,7 @@ async fn third_gateway_serves_new_sockets_at_once() {
 
     // It can send too: acknowledged, and delivered to the old gateways' sockets.
     let mut peers = load.await.expect("the load panicked");
-    let hello = crate::harness::new_uuid();
+    let hello = chatoy_testkit::new_uuid();
     ws.send_ok(&hello, mesh.rooms[0], "hello from the new gateway")
         .await;
     for peer in peers.iter_mut().filter(|p| p.rooms.contains(&mesh.rooms[0])) {

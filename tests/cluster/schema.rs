@@ -3,8 +3,9 @@
 
 use serde_json::json;
 
-use crate::harness::{new_uuid, random_hex, TempDir, Ws};
-use crate::minicluster::{migrate, Cluster, Services, Spec};
+use chatoy_testkit::minicluster::{migrate, Cluster, Spec};
+use chatoy_testkit::services::Services;
+use chatoy_testkit::{new_uuid, random_hex, TempDir, Ws};
 
 #[tokio::test]
 async fn migrate_twice_is_harmless() {

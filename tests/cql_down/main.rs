@@ -2,12 +2,6 @@
 //! command, so it is a binary of its own that `scripts/test` runs alone, after every other test
 //! that uses the node (no test order inside another binary is relied on).
 
-// The end-to-end fixtures; this test uses only part of them.
-#[allow(dead_code)]
-#[path = "../e2e/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../e2e/minicluster.rs"]
-mod minicluster;
+//! The fixtures are the `chatoy-testkit` crate's.
 
 mod node_down;

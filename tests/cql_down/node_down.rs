@@ -3,106 +3,20 @@
 //! test command (`CHATOY_SERVICES_RUN_DIR`), so it is alone in its binary, and a guard starts the
 //! node again even if the test fails.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{assert_send, new_uuid, run_command, within, TempDir, Ws};
-use crate::minicluster::{Cluster, Services, Spec};
-
-/// Stops and starts the shared Cassandra with `deploy/local/cassandra`; if the node is stopped
-/// when the guard is dropped, it starts it again (blocking) before the next test.
-struct CassandraGuard {
-    run_dir: PathBuf,
-    logs: TempDir,
-    stopped: bool,
-}
-
-impl CassandraGuard {
-    fn new() -> CassandraGuard {
-        let run_dir = std::env::var("CHATOY_SERVICES_RUN_DIR")
-            .ok()
-            .filter(|dir| !dir.trim().is_empty())
-            .unwrap_or_else(|| {
-                panic!(
-                    "CHATOY_SERVICES_RUN_DIR is not set: this test stops and restarts the shared \
-                     Cassandra and needs the run directory it was started with"
-                )
-            });
-        CassandraGuard {
-            run_dir: PathBuf::from(run_dir),
-            logs: TempDir::new(),
-            stopped: false,
-        }
-    }
-
-    fn command(&self, action: &str) -> Command {
-        let mut command = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/cassandra"));
-        command.arg(action).env("CHATOY_RUN_DIR", &self.run_dir);
-        command
-    }
-
-    async fn run(&mut self, action: &str) -> String {
-        let log = self.logs.path().join(format!("cassandra-{action}.log"));
-        let (status, output) = run_command(
-            &mut self.command(action),
-            &log,
-            Duration::from_secs(300),
-            &format!("deploy/local/cassandra {action}"),
-        )
-        .await;
-        assert!(
-            status.success(),
-            "deploy/local/cassandra {action}: {status}\n{output}"
-        );
-        output
-    }
-
-    async fn stop(&mut self) {
-        self.stopped = true;
-        self.run("stop").await;
-    }
-
-    async fn start(&mut self) {
-        let output = self.run("start").await;
-        self.stopped = false;
-        let port = output
-            .lines()
-            .find_map(|line| line.strip_prefix("CQL_PORT="))
-            .unwrap_or_else(|| panic!("no CQL_PORT from deploy/local/cassandra start:\n{output}"));
-        assert!(
-            Services::from_env()
-                .cql_nodes
-                .ends_with(&format!(":{}", port.trim())),
-            "the node came back on another port ({port})"
-        );
-    }
-}
-
-impl Drop for CassandraGuard {
-    fn drop(&mut self) {
-        if self.stopped {
-            eprintln!("starting the shared Cassandra again after a failure");
-            let started = self
-                .command("start")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .status();
-            if !matches!(started, Ok(status) if status.success()) {
-                eprintln!("could not start the shared Cassandra again: {started:?}");
-            }
-        }
-    }
-}
+use chatoy_testkit::minicluster::{Cluster, Spec};
+use chatoy_testkit::services::SharedCassandra;
+use chatoy_testkit::{assert_send, new_uuid, within, Ws};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_is_code_5_while_the_cql_node_is_down() {
     let cluster = Cluster::start(Spec::new(1, 2, &["--send-timeout", "2s"])).await;
     // Declared after the cluster, so dropped before it: the node is back when the cluster's
     // keyspace is dropped.
-    let mut cassandra = CassandraGuard::new();
+    let mut cassandra = SharedCassandra::new();
     let api = cluster.api();
     let alice = api.new_user("alice").await;
     let bob = api.new_user("bob").await;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{random_hex, uuids, wait_exit, within, Server, TempDir, PASSWORD, WAIT};
-use crate::minicluster::scrub_env;
+use chatoy_testkit::scrub_env;
+use chatoy_testkit::{random_hex, uuids, wait_exit, within, Server, TempDir, PASSWORD, WAIT};
 
 /// One user of the terminal client: its own token file in the test's directory.
 struct Cli {
@@ -38,7 +38,7 @@ impl Cli {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+        let mut command = Command::new(chatoy_testkit::chatoy_binary());
         scrub_env(&mut command);
         command
             .arg("client")
@@ -178,8 +178,8 @@ async fn terminal_client_accounts_rooms_send_and_tail() {
     assert_eq!(texts, ["hello bob", "second line", "third line"]);
     for (message, (_, sent)) in got.iter().zip(first.iter().chain(&more)) {
         assert_eq!(
-            crate::harness::ts(message["sent"].as_str().expect("sent")),
-            crate::harness::ts(sent)
+            chatoy_testkit::ts(message["sent"].as_str().expect("sent")),
+            chatoy_testkit::ts(sent)
         );
     }
 

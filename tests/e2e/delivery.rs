@@ -11,7 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::harness::{assert_send, msg_frame, new_uuid, recv_data, seed, ts, within, Event, Server, Ws};
+use chatoy_testkit::{assert_send, msg_frame, new_uuid, recv_data, seed, ts, within, Event, Server, Ws};
 
 #[tokio::test]
 async fn recv_reaches_every_other_socket_of_members() {

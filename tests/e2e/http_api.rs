@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_auth, assert_keys, assert_recent, assert_user, new_uuid, ts, within, RawHttp, Server, Ws,
     PASSWORD, WAIT,
 };
@@ -401,7 +401,7 @@ async fn health_ready_and_metrics() {
     }
     let bad = new_uuid();
     let answer = a.send_msg(&bad, room, "").await;
-    crate::harness::assert_send(&answer, 3, &bad);
+    chatoy_testkit::assert_send(&answer, 3, &bad);
 
     // Exact deltas, except the latency histogram, which may also time refusals.
     let deltas = [2.0, 4.0, 2.0, 4.0, 3.0, 3.0, 1.0, 3.0];

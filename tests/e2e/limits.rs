@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_send, msg_frame, new_uuid, opcode, random_hex, rss_kib, ts, within, Event, RawHttp, RawWs, Server,
     Ws, PASSWORD, UPGRADE_HEADERS, WAIT,
 };
@@ -219,7 +219,7 @@ async fn socket_cap_answers_503() {
     let room = api.create_room(&user.token, "cap").await;
     third.send_ok(&new_uuid(), room, "made it").await;
     let answer = second.auth(&user.token, None).await;
-    crate::harness::assert_auth(&answer, 0);
+    chatoy_testkit::assert_auth(&answer, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +326,7 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     let (code, reason) = loop {
         match slow.next_event(WAIT).await {
             Event::Json(frame) => {
-                let data = crate::harness::recv_data(&frame);
+                let data = chatoy_testkit::recv_data(&frame);
                 seen.push((
                     data["uuid"].as_str().expect("uuid").to_owned(),
                     data["sent"].as_str().expect("sent").to_owned(),
@@ -378,7 +378,7 @@ fn loopback(third: u8, fourth: u8) -> IpAddr {
 
 /// `Retry-After` as whole seconds, asserting it is there.
 #[track_caller]
-fn retry_after(response: &crate::harness::RawResponse) -> u64 {
+fn retry_after(response: &chatoy_testkit::RawResponse) -> u64 {
     response
         .header("retry-after")
         .and_then(|value| value.parse().ok())

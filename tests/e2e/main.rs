@@ -1,17 +1,13 @@
 //! End-to-end tests: each test starts a real `chatoy standalone` process on a fresh data
 //! directory (or, with `CHATOY_E2E_MODE=cluster`, a private mini-cluster of a router and two
 //! gateways behind HAProxy on the shared NATS and Cassandra) and talks to it only through HTTP
-//! and WebSocket, checking PROTOCOL.md exactly.
+//! and WebSocket, checking PROTOCOL.md exactly. The fixtures are the `chatoy-testkit` crate's.
 
 mod clients;
 mod delivery;
-mod harness;
 mod http_api;
 mod limits;
 mod malformed;
-// Shared with tests/cluster, which uses the parts this suite does not.
-#[allow(dead_code)]
-mod minicluster;
 mod per_user;
 mod restart;
 mod resume;

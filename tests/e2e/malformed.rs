@@ -11,7 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_keys, opcode, parse_ts, seed, ts, within, Event, RawWs, Server, TestUser, Ws, WAIT,
 };
 

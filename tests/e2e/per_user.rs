@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{assert_auth, new_uuid, random_hex, rss_kib, within, Event, Server, Ws, PASSWORD, WAIT};
+use chatoy_testkit::{assert_auth, new_uuid, random_hex, rss_kib, within, Event, Server, Ws, PASSWORD, WAIT};
 
 /// The user's sockets past `--max-sockets-per-user` are closed with 1008 at `auth`; the others
 /// are untouched, and a place freed is taken again.

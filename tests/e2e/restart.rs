@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{new_uuid, ts, within, Server, Ws, WAIT};
+use chatoy_testkit::{new_uuid, ts, within, Server, Ws, WAIT};
 
 #[tokio::test]
 async fn sigterm_drains_and_data_survives_restart() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 use serde_json::json;
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_send, msg_frame, new_uuid, rss_kib, ts, uuids, uuids_by_room, within, RawWs, Server, Ws,
 };
 

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_auth, assert_send, new_uuid, random_hex, within, Event, Server, Ws, PASSWORD, WAIT,
 };
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{
+use chatoy_testkit::{
     assert_auth, assert_error_frame, assert_send, msg_frame, new_uuid, opcode, random_hex, ts, within, Event,
     RawWs, Server, Ws, WAIT,
 };
@@ -156,7 +156,7 @@ async fn max_auth_failures_is_configurable() {
     let mut ws = Ws::connect(&server).await;
     let answer = ws.auth(&random_hex(64), None).await;
     assert_auth(&answer, 1);
-    ws.send_text(&crate::harness::auth_frame(&random_hex(64), None))
+    ws.send_text(&chatoy_testkit::auth_frame(&random_hex(64), None))
         .await;
     let mut event = ws.next_event().await;
     if let Event::Json(answer) = &event {
@@ -450,7 +450,7 @@ async fn idle_peer_is_closed_but_a_reading_peer_is_kept() {
             match frame.opcode {
                 opcode::PING => pings += 1,
                 opcode::CLOSE => {
-                    let code = crate::harness::close_code(&frame.payload);
+                    let code = chatoy_testkit::close_code(&frame.payload);
                     return (code, pings, silent_since.elapsed());
                 }
                 other => panic!("unexpected opcode {other} on a silent socket"),
@@ -478,7 +478,7 @@ async fn idle_peer_is_closed_but_a_reading_peer_is_kept() {
                     opcode::PING => {}
                     opcode::CLOSE => panic!(
                         "a peer that pings was closed with {}",
-                        crate::harness::close_code(&frame.payload)
+                        chatoy_testkit::close_code(&frame.payload)
                     ),
                     other => panic!("unexpected opcode {other}"),
                 }

@@ -12,14 +12,15 @@
 //! is killed (`scripts/test` does); otherwise it is a fresh temporary directory.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::harness::{run_command, TempDir};
-use crate::minicluster::Services;
-use crate::suite::{report, run_faults, script, selected, Backend, Fault, DOWN_FOR, MACHINE};
+use chatoy_testkit::services::Services;
+use chatoy_testkit::{repo_root, run_checked, script, TempDir};
+
+use crate::suite::{report, run_faults, selected, Backend, Fault, DOWN_FOR, MACHINE};
 
 /// The faults of the HA back end, in the order they run.
 const HA_FAULTS: [Fault; 5] = [
@@ -151,13 +152,8 @@ impl HaBackend {
         let mut command = Command::new(script("ha"));
         command.args(args).env("CHATOY_RUN_DIR", &self.run_dir);
         let log = self.run_dir.join(format!("ha-{}.log", args.join("-")));
-        let (status, output) = run_command(&mut command, &log, SCRIPT_LIMIT, "deploy/local/ha").await;
-        assert!(
-            status.success(),
-            "deploy/local/ha {} failed ({status}):\n{output}",
-            args.join(" ")
-        );
-        output
+        let what = format!("deploy/local/ha {}", args.join(" "));
+        run_checked(&mut command, &log, SCRIPT_LIMIT, &what).await
     }
 
     /// `deploy/local/ha ACTION N`.
@@ -199,7 +195,7 @@ impl Drop for HaBackend {
 
 /// The KEY=VALUE lines of `deploy/local/ha.env`.
 fn settings() -> HashMap<String, String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/ha.env");
+    let path = repo_root().join("deploy/local/ha.env");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     text.lines()
         .map(str::trim)

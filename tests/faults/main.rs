@@ -6,15 +6,10 @@
 //! The HA pass (issue 13, `ha.rs`): the same load and checker on three NATS servers and three
 //! CQL nodes of its own, losing one (or one of each) at a time.
 
-// The end-to-end fixtures; the suite uses only part of them.
-#[allow(dead_code)]
-#[path = "../e2e/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../e2e/minicluster.rs"]
-mod minicluster;
+//!
+//! The clients that reconnect and resume as PROTOCOL.md says, and the checker, are the
+//! `chatoy-testkit` crate's (`resilient`), shared with the cluster tests.
 
-mod client;
 mod ha;
 mod proxy;
 mod suite;

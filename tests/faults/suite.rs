@@ -7,17 +7,17 @@
 //! (default 4) is how long the load runs before the fault and again after it heals. The same
 //! load and checker run on the HA back end in `ha.rs`.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::client::{self, Control, Member, MemberSpec, Seen};
+use chatoy_testkit::minicluster::{Cluster, Spec, FAILOVER_TIMEOUT};
+use chatoy_testkit::resilient::{check, Crowd, MemberSpec, Verdict};
+use chatoy_testkit::services::SharedCassandra;
+use chatoy_testkit::{run_checked, script, Api, TempDir};
+
 use crate::ha::HaBackend;
-use crate::harness::{run_command, Api, TempDir};
-use crate::minicluster::{Cluster, Spec, FAILOVER_TIMEOUT};
 use crate::proxy::TcpProxy;
 
 /// Held by each suite while it runs: the two never share the machine.
@@ -130,25 +130,13 @@ pub(crate) enum Backend {
 /// One row of the table.
 pub(crate) struct Row {
     fault: Fault,
-    acked: usize,
-    stored_unacked: usize,
+    /// Acknowledged messages per second of load.
     rate: f64,
-    lost: usize,
-    duplicates: usize,
-    disorder: usize,
     catch_up: Option<Duration>,
-    reconnects: usize,
-    resends: usize,
-    codes: String,
     /// On the HA back end: what the processes saw (`cluster_events`).
     events: Option<String>,
-    violations: Vec<String>,
-}
-
-impl Row {
-    fn passed(&self) -> bool {
-        self.lost == 0 && self.duplicates == 0 && self.disorder == 0 && self.violations.is_empty()
-    }
+    /// What the checker found.
+    verdict: Verdict,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +190,8 @@ pub(crate) fn report(rows: &[Row], file: &str) {
     }
     let failed: Vec<String> = rows
         .iter()
-        .filter(|row| !row.passed())
-        .map(|row| format!("{}: {:?}", row.fault.name(), row.violations))
+        .filter(|row| !row.verdict.passed())
+        .map(|row| format!("{}: {:?}", row.fault.name(), row.verdict.violations))
         .collect();
     assert!(
         failed.is_empty(),
@@ -271,56 +259,35 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
             start,
         });
     }
-    let control = Arc::new(Control::default());
-    let members: Vec<Member> = specs
-        .into_iter()
-        .map(|spec| Member {
-            spec,
-            seen: Arc::new(Mutex::new(Seen::default())),
-        })
-        .collect();
-    let tasks: Vec<_> = members
-        .iter()
-        .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
-        .collect();
     // Every member connected before the load starts.
-    wait_until(Duration::from_secs(30), "every member to connect", || {
-        members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
-    })
-    .await;
-
-    control.sending.store(true, Ordering::SeqCst);
+    let mut crowd = Crowd::start(specs).await;
     let load_began = Instant::now();
-    wait_until(Duration::from_secs(30), "the first acknowledgements", || {
-        !acked_by_room(&members).is_empty()
-    })
-    .await;
+    crowd.start_sending().await;
     cluster.add_router().await;
     tokio::time::sleep(load.saturating_sub(load_began.elapsed())).await;
     let healed = inject(fault, &mut cluster, proxy.as_ref(), backend).await;
     // Everything acknowledged when the fault healed: how long until every member has it
     // (while the cluster is made whole again).
-    let snapshot = acked_by_room(&members);
+    let snapshot = crowd.acked_by_room();
     let (catch_up, ()) = tokio::join!(
-        caught_up_after(&members, &snapshot, healed),
+        crowd.caught_up_after(&snapshot, healed, SETTLE_LIMIT),
         make_whole(fault, &mut cluster, backend)
     );
     tokio::time::sleep(load).await;
-    control.sending.store(false, Ordering::SeqCst);
+    crowd.stop_sending();
     let load_secs = load_began.elapsed().as_secs_f64();
-    wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
-        members
-            .iter()
-            .all(|m| m.seen.lock().expect("seen").unanswered == 0)
-    })
-    .await;
-    let all = acked_by_room(&members);
-    let _ = caught_up_after(&members, &all, Instant::now()).await;
-    control.stop.store(true, Ordering::SeqCst);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    }
-    let mut row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    crowd.until_answered(SETTLE_LIMIT).await;
+    let all = crowd.acked_by_room();
+    let _ = crowd.caught_up_after(&all, Instant::now(), SETTLE_LIMIT).await;
+    crowd.stop().await;
+    let verdict = check(&api, &host.token, &rooms, &crowd.members).await;
+    let mut row = Row {
+        fault,
+        rate: verdict.acked as f64 / load_secs,
+        catch_up,
+        events: None,
+        verdict,
+    };
     if matches!(backend, Backend::Ha(_)) {
         row.events = Some(cluster_events(&cluster).await);
     }
@@ -329,12 +296,12 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
         // once thawed, and the store must turn every such write down (`inject` freezes until
         // that happened, at most FREEZE_ATTEMPTS times).
         if deposed_total(&cluster).await < 1.0 {
-            row.violations.push(format!(
+            row.verdict.violations.push(format!(
                 "no router was deposed in {FREEZE_ATTEMPTS} freezes: the fault did not exercise the fence"
             ));
         }
     }
-    if !row.passed() {
+    if !row.verdict.passed() {
         let path = std::env::temp_dir().join(format!("chatoy-fault-{}.log", fault.name()));
         let _ = std::fs::write(&path, cluster.stderr());
         eprintln!("{} failed; process logs in {}", fault.name(), path.display());
@@ -420,9 +387,9 @@ async fn inject(fault: Fault, cluster: &mut Cluster, proxy: Option<&TcpProxy>, b
         }
         Fault::CassandraDown => {
             let mut cassandra = SharedCassandra::new();
-            cassandra.run("stop").await;
+            cassandra.stop().await;
             tokio::time::sleep(Duration::from_secs(10)).await;
-            cassandra.run("start").await;
+            cassandra.start().await;
             Instant::now()
         }
         other => panic!("{} needs the HA back end", other.name()),
@@ -464,213 +431,6 @@ async fn cluster_events(cluster: &Cluster) -> String {
     )
 }
 
-/// Every message answered code 0 so far, by room: uuid → sent.
-fn acked_by_room(members: &[Member]) -> HashMap<u64, HashMap<String, i64>> {
-    let mut rooms: HashMap<u64, HashMap<String, i64>> = HashMap::new();
-    for member in members {
-        for (uuid, (room, sent)) in &member.seen.lock().expect("seen").acked {
-            rooms.entry(*room).or_default().insert(uuid.clone(), *sent);
-        }
-    }
-    rooms
-}
-
-/// How long after `from` every member had every message of `want` in its rooms (its own
-/// excepted); `None` if that did not happen within the settle limit.
-async fn caught_up_after(
-    members: &[Member],
-    want: &HashMap<u64, HashMap<String, i64>>,
-    from: Instant,
-) -> Option<Duration> {
-    let deadline = Instant::now() + SETTLE_LIMIT;
-    loop {
-        let done = members.iter().all(|member| {
-            let seen = member.seen.lock().expect("seen");
-            member.spec.rooms.iter().all(|room| {
-                want.get(room).is_none_or(|messages| {
-                    messages
-                        .keys()
-                        .all(|uuid| seen.have.contains(uuid) || seen.acked.contains_key(uuid))
-                })
-            })
-        });
-        if done {
-            return Some(from.elapsed());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Compares what every member saw with what the senders saw acknowledged and with history.
-async fn check(
-    fault: Fault,
-    api: &Api,
-    token: &str,
-    rooms: &[u64],
-    members: &[Member],
-    load_secs: f64,
-    catch_up: Option<Duration>,
-) -> Row {
-    let mut violations = Vec::new();
-    let acked = acked_by_room(members);
-    let mut duplicates = 0;
-    let mut lost = 0;
-    let mut disorder = 0;
-    let mut stored_unacked = 0;
-    let mut histories: HashMap<u64, Vec<(String, i64)>> = HashMap::new();
-    for &room in rooms {
-        let history = full_history(api, token, room).await;
-        let mut stored: HashMap<&str, i64> = HashMap::new();
-        for (uuid, sent) in &history {
-            if stored.insert(uuid, *sent).is_some() {
-                duplicates += 1;
-            }
-        }
-        for pair in history.windows(2) {
-            if pair[0].1 >= pair[1].1 {
-                violations.push(format!("room {room}: history sent does not increase"));
-            }
-        }
-        let want = acked.get(&room).cloned().unwrap_or_default();
-        for (uuid, sent) in &want {
-            match stored.get(uuid.as_str()) {
-                None => {
-                    lost += 1;
-                    violations.push(format!("room {room}: acked {uuid} is not in history"));
-                }
-                Some(s) if s != sent => violations.push(format!(
-                    "room {room}: {uuid} acked and stored with different sent"
-                )),
-                Some(_) => {}
-            }
-        }
-        stored_unacked += history
-            .iter()
-            .filter(|(uuid, _)| !want.contains_key(uuid))
-            .count();
-        histories.insert(room, history);
-    }
-    let mut reconnects = 0;
-    let mut resends = 0;
-    let mut codes: HashMap<String, usize> = HashMap::new();
-    for member in members {
-        let seen = member.seen.lock().expect("seen");
-        reconnects += seen.connects.saturating_sub(1);
-        resends += seen.resends;
-        for (code, n) in &seen.codes {
-            *codes.entry(code.clone()).or_default() += n;
-        }
-        violations.extend(seen.violations.iter().cloned());
-        for room in &member.spec.rooms {
-            let history = &histories[room];
-            let sent_of: HashMap<&str, i64> = history.iter().map(|(u, s)| (u.as_str(), *s)).collect();
-            // The member's view: first arrival of each uuid, in arrival order (its own messages
-            // it knew of when they were acknowledged, and may get back later through `since`).
-            let mut firsts = Vec::new();
-            let mut once = HashSet::new();
-            for (uuid, r, sent) in &seen.received {
-                if r != room || seen.acked.contains_key(uuid) {
-                    continue;
-                }
-                match sent_of.get(uuid.as_str()) {
-                    Some(stored) if stored != sent => {
-                        duplicates += 1;
-                        violations.push(format!(
-                            "{}: {uuid} received with another sent",
-                            member.spec.label
-                        ));
-                    }
-                    None => violations.push(format!(
-                        "{}: received {uuid}, which is not stored",
-                        member.spec.label
-                    )),
-                    _ => {}
-                }
-                if once.insert(uuid.as_str()) {
-                    firsts.push(*sent);
-                }
-            }
-            if firsts.windows(2).any(|pair| pair[0] >= pair[1]) {
-                disorder += 1;
-                violations.push(format!(
-                    "{}: room {room} arrived out of sent order",
-                    member.spec.label
-                ));
-            }
-            for (at, (uuid, sent)) in history.iter().enumerate() {
-                if !once.contains(uuid.as_str()) && !seen.acked.contains_key(uuid) {
-                    lost += 1;
-                    if lost <= 20 {
-                        // Where the hole is in what the member got: the arrivals around it.
-                        let after = seen
-                            .received
-                            .iter()
-                            .position(|(_, r, s)| r == room && s > sent)
-                            .map_or("nothing later".to_owned(), |i| {
-                                format!(
-                                    "the next later one arrived as frame {i} of {}",
-                                    seen.received.len()
-                                )
-                            });
-                        violations.push(format!(
-                            "{}: room {room}: never got {uuid} (sent {}, {} of {} in the room; {after}; {} connects)",
-                            member.spec.label,
-                            client::rfc3339(*sent),
-                            at + 1,
-                            history.len(),
-                            seen.connects,
-                        ));
-                        violations.push(format!(
-                            "{}: connections (frames before, since): {:?}",
-                            member.spec.label, seen.connected_at
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    let acked_count: usize = acked.values().map(HashMap::len).sum();
-    let mut codes: Vec<String> = codes.into_iter().map(|(code, n)| format!("{code}×{n}")).collect();
-    codes.sort();
-    Row {
-        fault,
-        acked: acked_count,
-        stored_unacked,
-        rate: acked_count as f64 / load_secs,
-        lost,
-        duplicates,
-        disorder,
-        catch_up,
-        reconnects,
-        resends,
-        codes: codes.join(" "),
-        events: None,
-        violations,
-    }
-}
-
-/// A room's whole history, oldest first (paged with `before`).
-async fn full_history(api: &Api, token: &str, room: u64) -> Vec<(String, i64)> {
-    let mut newest_first = Vec::new();
-    let mut before: Option<String> = None;
-    loop {
-        let page = api.history(token, room, before.as_deref(), Some(200)).await;
-        let Some(oldest) = page.last() else { break };
-        before = Some(oldest["sent"].as_str().expect("sent").to_owned());
-        for message in &page {
-            newest_first.push((
-                message["uuid"].as_str().expect("uuid").to_owned(),
-                crate::harness::ts(message["sent"].as_str().expect("sent")),
-            ));
-        }
-    }
-    newest_first.reverse();
-    newest_first
-}
-
 fn table(rows: &[Row]) -> String {
     let events = rows.iter().any(|row| row.events.is_some());
     let mut out = String::from(
@@ -685,22 +445,23 @@ fn table(rows: &[Row]) -> String {
     out.push_str(&rule);
     out.push('\n');
     for row in rows {
+        let verdict = &row.verdict;
         out.push_str(&format!(
             "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.fault.name(),
-            row.acked,
+            verdict.acked,
             row.rate,
-            row.stored_unacked,
-            row.lost,
-            row.duplicates,
-            row.disorder,
+            verdict.stored_unacked,
+            verdict.lost,
+            verdict.duplicates,
+            verdict.disorder,
             row.catch_up.map_or("not within 90 s".to_owned(), |d| format!(
                 "{:.2} s",
                 d.as_secs_f64()
             )),
-            row.reconnects,
-            row.resends,
-            row.codes,
+            verdict.reconnects,
+            verdict.resends,
+            verdict.codes,
         ));
         if events {
             out.push_str(&format!(" {} |", row.events.as_deref().unwrap_or("")));
@@ -708,17 +469,6 @@ fn table(rows: &[Row]) -> String {
         out.push('\n');
     }
     out
-}
-
-async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The suite's own nats-server (so restarting it disturbs nothing else), from
@@ -760,73 +510,6 @@ async fn nats_script(run_dir: &Path, action: &str) -> String {
     let mut command = Command::new(script("nats"));
     command.arg(action).env("CHATOY_RUN_DIR", run_dir);
     let log = run_dir.join(format!("nats-{action}.log"));
-    let (status, output) =
-        run_command(&mut command, &log, Duration::from_secs(300), "deploy/local/nats").await;
-    assert!(
-        status.success(),
-        "deploy/local/nats {action} failed ({status}):\n{output}"
-    );
-    output
-}
-
-pub(crate) fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy/local")
-        .join(name)
-}
-
-/// The test command's Cassandra (`CHATOY_SERVICES_RUN_DIR`); started again on drop if this
-/// suite stopped it and did not start it.
-struct SharedCassandra {
-    run_dir: PathBuf,
-    logs: TempDir,
-    stopped: bool,
-}
-
-impl SharedCassandra {
-    fn new() -> SharedCassandra {
-        let run_dir = std::env::var("CHATOY_SERVICES_RUN_DIR")
-            .ok()
-            .filter(|dir| !dir.trim().is_empty())
-            .unwrap_or_else(|| {
-                panic!(
-                    "CHATOY_SERVICES_RUN_DIR is not set: the cassandra-down fault stops and starts \
-                     the shared Cassandra and needs the run directory it was started with"
-                )
-            });
-        SharedCassandra {
-            run_dir: PathBuf::from(run_dir),
-            logs: TempDir::new(),
-            stopped: false,
-        }
-    }
-
-    async fn run(&mut self, action: &str) {
-        let mut command = Command::new(script("cassandra"));
-        command.arg(action).env("CHATOY_RUN_DIR", &self.run_dir);
-        let log = self.logs.path().join(format!("cassandra-{action}.log"));
-        let (status, output) = run_command(
-            &mut command,
-            &log,
-            Duration::from_secs(300),
-            "deploy/local/cassandra",
-        )
-        .await;
-        assert!(
-            status.success(),
-            "deploy/local/cassandra {action} failed ({status}):\n{output}"
-        );
-        self.stopped = action == "stop";
-    }
-}
-
-impl Drop for SharedCassandra {
-    fn drop(&mut self) {
-        if self.stopped {
-            let _ = Command::new(script("cassandra"))
-                .arg("start")
-                .env("CHATOY_RUN_DIR", &self.run_dir)
-                .status();
-        }
-    }
+    let what = format!("deploy/local/nats {action}");
+    run_checked(&mut command, &log, Duration::from_secs(300), &what).await
 }

@@ -19,9 +19,9 @@ use crate::actions::{
     Action, CloseKind, MsgKind, ResendKind, RoomKind, SinceKind, Template, TextKind, TokenKind, UuidKind,
     Violation, BAD_DATA, BAD_UTF8, BAD_UUIDS, MALFORMED_AUTH, NON_STRING_UUIDS, ROOM_LITERALS,
 };
-use crate::harness::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
 use crate::json::Tree;
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
+use chatoy_testkit::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
 use sha2::Digest;
 
 /// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every

@@ -9,13 +9,6 @@
 //! `CHATOY_FUZZ_CASES` sets the number of sequences (default [`DEFAULT_SEQUENCES`]). Failing
 //! sequences are kept in `fuzz/regressions/live.txt` and replayed first. See docs/fuzzing.md.
 
-// The end-to-end fixtures; this suite uses part of them.
-#[allow(dead_code)]
-#[path = "../e2e/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../e2e/minicluster.rs"]
-mod minicluster;
 // The parser fuzzer's JSON tree and mutations, shared.
 #[allow(dead_code)]
 #[path = "../../protocol/tests/fuzz_frames/json.rs"]

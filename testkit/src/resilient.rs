@@ -1,11 +1,18 @@
-//! A client that behaves as PROTOCOL.md asks of a real one, for the fault suite: it reconnects
-//! through the load balancer after any drop (jittered backoff), resumes with `since`, resends
-//! every unanswered message with the same uuid (after code 4 or 5, no answer, or a reconnect),
-//! and de-duplicates by uuid. It records everything it sees for the checker.
+//! A client that behaves as PROTOCOL.md asks of a real one, for the fault suite and the scaling
+//! tests: it reconnects through the load balancer after any drop (jittered backoff), resumes
+//! with `since`, resends every unanswered message with the same uuid (after code 4 or 5, no
+//! answer, or a reconnect), and de-duplicates by uuid. It records everything it sees for the
+//! checker.
 //!
 //! `since` on reconnect is per room, as docs/client-guide.md teaches: for each of the member's
 //! rooms, the newest `sent` seen in that room (or the start of the load for a room it has seen
 //! nothing of). Each room has its own sequencer, so no single timestamp is a safe resume point.
+//!
+//! [`Crowd`] runs many members and waits on what they saw; [`check`] compares what they saw with
+//! the rooms' histories.
+
+mod check;
+mod crowd;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +23,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{msg_frame, new_uuid, ts};
+use crate::shape::{msg_frame, ts};
+use crate::util::new_uuid;
+
+pub use check::{check, Verdict};
+pub use crowd::{Acked, Crowd};
 
 /// How long a message may stay unanswered before it is sent again.
 const ANSWER_LIMIT: Duration = Duration::from_secs(3);
@@ -25,51 +36,51 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the suite tells every member.
 #[derive(Default)]
-pub(crate) struct Control {
+pub struct Control {
     /// Senders make new messages while this is set.
-    pub(crate) sending: AtomicBool,
+    pub sending: AtomicBool,
     /// Members leave once this is set (senders only when nothing is unanswered).
-    pub(crate) stop: AtomicBool,
+    pub stop: AtomicBool,
 }
 
 /// Who a member is and how it behaves.
 #[derive(Debug, Clone)]
-pub(crate) struct MemberSpec {
-    pub(crate) label: String,
-    pub(crate) token: String,
-    pub(crate) rooms: Vec<u64>,
+pub struct MemberSpec {
+    pub label: String,
+    pub token: String,
+    pub rooms: Vec<u64>,
     /// The first connection's URL (pinned to a gateway, to spread the members).
-    pub(crate) first_url: String,
+    pub first_url: String,
     /// Every later connection's URL (balanced by the load balancer).
-    pub(crate) url: String,
+    pub url: String,
     /// New messages per second (0: a listener).
-    pub(crate) rate: f64,
+    pub rate: f64,
     /// Most unanswered messages at once.
-    pub(crate) window: usize,
+    pub window: usize,
     /// `since` for a room the member has seen nothing of yet: just before the load began.
-    pub(crate) start: i64,
+    pub start: i64,
 }
 
 /// Everything a member saw.
 #[derive(Debug, Default)]
-pub(crate) struct Seen {
+pub struct Seen {
     /// Every `recv`: (uuid, room, sent), in arrival order, repeats included.
-    pub(crate) received: Vec<(String, u64, i64)>,
+    pub received: Vec<(String, u64, i64)>,
     /// Its own messages answered code 0: uuid → (room, sent).
-    pub(crate) acked: HashMap<String, (u64, i64)>,
+    pub acked: HashMap<String, (u64, i64)>,
     /// uuids of `received`, for quick membership tests.
-    pub(crate) have: HashSet<String>,
+    pub have: HashSet<String>,
     /// Messages made but not yet answered code 0.
-    pub(crate) unanswered: usize,
-    pub(crate) connects: usize,
+    pub unanswered: usize,
+    pub connects: usize,
     /// Per connection: how many frames had been received before it, and its `since` (JSON).
-    pub(crate) connected_at: Vec<(usize, Option<String>)>,
-    pub(crate) resends: usize,
+    pub connected_at: Vec<(usize, Option<String>)>,
+    pub resends: usize,
     /// Refusals (`send` codes 4 and 5) and close codes seen, by code.
-    pub(crate) codes: HashMap<String, usize>,
+    pub codes: HashMap<String, usize>,
     /// What a correct server never does (an unknown answer, a message of another room, two
     /// `sent` for one uuid...).
-    pub(crate) violations: Vec<String>,
+    pub violations: Vec<String>,
 }
 
 impl Seen {
@@ -79,9 +90,9 @@ impl Seen {
 }
 
 /// A member: its spec and what it saw (shared with the suite while it runs).
-pub(crate) struct Member {
-    pub(crate) spec: MemberSpec,
-    pub(crate) seen: Arc<Mutex<Seen>>,
+pub struct Member {
+    pub spec: MemberSpec,
+    pub seen: Arc<Mutex<Seen>>,
 }
 
 struct Outgoing {
@@ -94,7 +105,7 @@ struct Outgoing {
 
 /// Runs the member until `control.stop` (and, for a sender, until everything it made is
 /// answered code 0). Never panics on what the server does: violations are recorded.
-pub(crate) async fn run(spec: MemberSpec, seen: Arc<Mutex<Seen>>, control: Arc<Control>) {
+pub async fn run(spec: MemberSpec, seen: Arc<Mutex<Seen>>, control: Arc<Control>) {
     let period = (spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.rate));
     let mut unanswered: HashMap<String, Outgoing> = HashMap::new();
     let mut made = 0usize;
@@ -364,6 +375,6 @@ fn jitter(base: Duration) -> Duration {
 }
 
 /// Nanoseconds since the epoch as RFC 3339 with nine fractional digits.
-pub(crate) fn rfc3339(nanos: i64) -> String {
+pub fn rfc3339(nanos: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(nanos).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }

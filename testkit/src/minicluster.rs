@@ -7,82 +7,54 @@
 //! Dropping the cluster kills them all, stops the HAProxy and gives back what it took of the
 //! shared services: its keyspace is dropped and its NATS stream deleted.
 
+mod cleanup;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::harness::{random_hex, run_command, Api, Process, TempDir};
+pub use cleanup::{delete_streams, drop_keyspace};
+
+use crate::api::Api;
+use crate::process::{chatoy_binary, run_command, script, scrub_env, Process, TempDir};
+use crate::server::test_flags;
+use crate::services::Services;
+use crate::util::random_hex;
+use cleanup::on_any;
 
 /// What a gateway prints once it serves.
 const GATEWAY_READY: &str = "chatoy listening on http://127.0.0.1:";
+
 /// What a router prints once it consumes its partitions.
 const ROUTER_READY: &str = "chatoy router health on http://127.0.0.1:";
+
 /// How long a dead router keeps its partitions: short, so tests that stop routers move on.
-pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long any process may take to start (Cassandra answers slowly on a busy machine).
 const START_LIMIT: Duration = Duration::from_secs(60);
 
-/// The NATS and CQL services a cluster runs on: by default the shared ones of the test command,
-/// from the environment.
-#[derive(Debug, Clone)]
-pub(crate) struct Services {
-    /// `CHATOY_NATS_URL` (one URL or several, comma-separated).
-    pub(crate) nats_url: String,
-    /// `CHATOY_CQL_NODES` (one node or several, comma-separated).
-    pub(crate) cql_nodes: String,
-    /// The replication factor keyspaces are migrated with (1 on the shared node).
-    pub(crate) replication_factor: u32,
-    /// Flags every router and gateway gets on these services (`--consistency`, ...).
-    pub(crate) flags: Vec<String>,
-}
-
-impl Services {
-    /// Reads the services from the environment; a missing one fails the test loudly.
-    pub(crate) fn from_env() -> Services {
-        let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|value| !value.trim().is_empty())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{name} is not set: cluster tests need the shared NATS and Cassandra that \
-                         scripts/test starts (by hand: `CHATOY_RUN_DIR=/tmp/e2e-services \
-                         deploy/local/nats start` and `... deploy/local/cassandra start`, then \
-                         export CHATOY_NATS_URL=nats://127.0.0.1:PORT and \
-                         CHATOY_CQL_NODES=127.0.0.1:PORT)"
-                    )
-                })
-        };
-        Services {
-            nats_url: var("CHATOY_NATS_URL"),
-            cql_nodes: var("CHATOY_CQL_NODES"),
-            replication_factor: 1,
-            flags: Vec::new(),
-        }
-    }
-}
-
 /// The shape of a mini-cluster.
 #[derive(Debug, Clone)]
-pub(crate) struct Spec {
+pub struct Spec {
     /// Routers to start.
-    pub(crate) routers: usize,
+    pub routers: usize,
     /// Gateways to start (each behind the HAProxy).
-    pub(crate) gateways: usize,
+    pub gateways: usize,
     /// Extra flags of every gateway (the test's flags).
-    pub(crate) gateway_flags: Vec<String>,
+    pub gateway_flags: Vec<String>,
     /// Another NATS than the shared one, for every process.
-    pub(crate) nats_url: Option<String>,
+    pub nats_url: Option<String>,
     /// Gateways (1-based) that reach NATS at another URL (a proxy a test can cut).
-    pub(crate) gateway_nats: Vec<(usize, String)>,
+    pub gateway_nats: Vec<(usize, String)>,
     /// Other services than the shared ones.
-    pub(crate) services: Option<Services>,
+    pub services: Option<Services>,
 }
 
 impl Spec {
     /// `routers` routers and `gateways` gateways with `flags`.
-    pub(crate) fn new(routers: usize, gateways: usize, flags: &[&str]) -> Spec {
+    pub fn new(routers: usize, gateways: usize, flags: &[&str]) -> Spec {
         Spec {
             routers,
             gateways,
@@ -94,19 +66,19 @@ impl Spec {
     }
 
     /// Runs on `services` instead of the shared ones.
-    pub(crate) fn services(mut self, services: Services) -> Spec {
+    pub fn services(mut self, services: Services) -> Spec {
         self.services = Some(services);
         self
     }
 
     /// Every process uses the NATS at `url` instead of the shared one.
-    pub(crate) fn nats(mut self, url: &str) -> Spec {
+    pub fn nats(mut self, url: &str) -> Spec {
         self.nats_url = Some(url.to_owned());
         self
     }
 
     /// Gateway `n` reaches NATS at `url` (which leads to the cluster's NATS).
-    pub(crate) fn gateway_nats(mut self, n: usize, url: &str) -> Spec {
+    pub fn gateway_nats(mut self, n: usize, url: &str) -> Spec {
         self.gateway_nats.push((n, url.to_owned()));
         self
     }
@@ -114,8 +86,8 @@ impl Spec {
 
 /// Runs `chatoy migrate` for `keyspace` with the services' replication factor; returns its exit
 /// status and output.
-pub(crate) async fn migrate(services: &Services, keyspace: &str, log: &Path) -> (ExitStatus, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+pub async fn migrate(services: &Services, keyspace: &str, log: &Path) -> (ExitStatus, String) {
+    let mut command = Command::new(chatoy_binary());
     command.args([
         "migrate",
         "--keyspace",
@@ -135,19 +107,9 @@ fn set_flag(args: &mut [String], flag: &str, value: &str) {
     args[at] = value.to_owned();
 }
 
-/// Removes every inherited `CHATOY_*` variable but the log level, so only explicit flags count.
-pub(crate) fn scrub_env(command: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("CHATOY_") && key != "CHATOY_LOG" {
-            command.env_remove(key);
-        }
-    }
-}
-
 /// A running mini-cluster. Gateway and router numbers are 1-based, in start order; gateway `n`
 /// is also `/ws?gateway=n` on the HAProxy.
-pub(crate) struct Cluster {
+pub struct Cluster {
     services: Services,
     keyspace: String,
     prefix: String,
@@ -166,7 +128,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Migrates a fresh keyspace, then starts the routers, the gateways and the HAProxy, and
     /// returns once every gateway answers through it.
-    pub(crate) async fn start(spec: Spec) -> Cluster {
+    pub async fn start(spec: Spec) -> Cluster {
         let services = spec.services.clone().unwrap_or_else(Services::from_env);
         let keyspace = format!("e2e_{}", random_hex(12));
         let log = std::env::temp_dir().join(format!("chatoy-migrate-{keyspace}.log"));
@@ -184,7 +146,7 @@ impl Cluster {
 
     /// Starts the processes of `spec` on an already migrated keyspace, with a fresh NATS
     /// prefix. The keyspace is dropped with the cluster.
-    pub(crate) async fn start_on(keyspace: &str, spec: Spec) -> Cluster {
+    pub async fn start_on(keyspace: &str, spec: Spec) -> Cluster {
         let mut services = spec.services.unwrap_or_else(Services::from_env);
         if let Some(url) = &spec.nats_url {
             services.nats_url = url.clone();
@@ -262,15 +224,14 @@ impl Cluster {
             set_flag(&mut args, "--nats-url", url);
         }
         let extra: Vec<&str> = self.gateway_flags.iter().map(String::as_str).collect();
-        args.extend(crate::harness::test_flags(&extra));
+        args.extend(test_flags(&extra));
         Process::new(&name, args, self.dir.path().join(format!("{name}.log")))
     }
 
     /// Points the HAProxy at every gateway (in number order, running or not) and waits until
     /// each running one answers `/readyz` through it, pinned and balanced.
     async fn balance(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/haproxy");
-        let mut command = Command::new(script);
+        let mut command = Command::new(script("haproxy"));
         command.arg("start");
         command.args(self.gateways.iter().map(|g| format!("127.0.0.1:{}", g.port())));
         scrub_env(&mut command);
@@ -319,7 +280,7 @@ impl Cluster {
 
     /// Waits until every started gateway answers `/readyz` through the HAProxy again, pinned and
     /// balanced (after an outage of what they depend on).
-    pub(crate) async fn wait_serving(&self) {
+    pub async fn wait_serving(&self) {
         for n in 1..=self.gateways.len() {
             if self.gateways[n - 1].is_started() {
                 self.wait_routable(n).await;
@@ -334,60 +295,60 @@ impl Cluster {
     }
 
     /// The cluster's keyspace and the CQL nodes it lives on.
-    pub(crate) fn keyspace(&self) -> (&str, &str) {
+    pub fn keyspace(&self) -> (&str, &str) {
         (&self.keyspace, &self.services.cql_nodes)
     }
 
     /// The HAProxy: `http://127.0.0.1:PORT`.
-    pub(crate) fn base_url(&self) -> String {
+    pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.lb_port)
     }
 
     /// The HAProxy's address, `127.0.0.1:PORT`.
-    pub(crate) fn lb_addr(&self) -> String {
+    pub fn lb_addr(&self) -> String {
         format!("127.0.0.1:{}", self.lb_port)
     }
 
     /// The path of a WebSocket pinned to gateway `n`.
-    pub(crate) fn ws_path(&self, n: usize) -> String {
+    pub fn ws_path(&self, n: usize) -> String {
         assert!((1..=self.gateways.len()).contains(&n), "no gateway {n}");
         format!("/ws?gateway={n}")
     }
 
     /// The path of the next WebSocket: gateways take turns, so every room's sockets are spread
     /// over all of them.
-    pub(crate) fn next_ws_path(&self) -> String {
+    pub fn next_ws_path(&self) -> String {
         let turn = self.next_socket.fetch_add(1, Ordering::Relaxed);
         self.ws_path(turn % self.gateways.len() + 1)
     }
 
     /// `ws://` through the HAProxy, pinned to gateway `n`.
-    pub(crate) fn ws_url(&self, n: usize) -> String {
+    pub fn ws_url(&self, n: usize) -> String {
         format!("ws://{}{}", self.lb_addr(), self.ws_path(n))
     }
 
     /// Router `n`'s probes and metrics.
-    pub(crate) fn router_url(&self, n: usize) -> String {
+    pub fn router_url(&self, n: usize) -> String {
         format!("http://127.0.0.1:{}", self.routers[n - 1].port())
     }
 
     /// Gateway `n` itself, bypassing the HAProxy.
-    pub(crate) fn gateway_url(&self, n: usize) -> String {
+    pub fn gateway_url(&self, n: usize) -> String {
         format!("http://127.0.0.1:{}", self.gateways[n - 1].port())
     }
 
     /// How many routers the cluster has (running or not).
-    pub(crate) fn router_count(&self) -> usize {
+    pub fn router_count(&self) -> usize {
         self.routers.len()
     }
 
     /// How many gateways the cluster has (running or not).
-    pub(crate) fn gateway_count(&self) -> usize {
+    pub fn gateway_count(&self) -> usize {
         self.gateways.len()
     }
 
     /// An HTTP client through the HAProxy; metrics are summed over every running gateway.
-    pub(crate) fn api(&self) -> Api {
+    pub fn api(&self) -> Api {
         let metrics = (1..=self.gateways.len())
             .filter(|n| self.gateways[n - 1].is_started())
             .map(|n| self.gateway_url(n))
@@ -396,7 +357,7 @@ impl Cluster {
     }
 
     /// Whether every router and gateway still runs.
-    pub(crate) fn is_running(&mut self) -> bool {
+    pub fn is_running(&mut self) -> bool {
         self.routers
             .iter_mut()
             .chain(self.gateways.iter_mut())
@@ -404,7 +365,7 @@ impl Cluster {
     }
 
     /// Everything every process wrote to stderr, each under a header.
-    pub(crate) fn stderr(&self) -> String {
+    pub fn stderr(&self) -> String {
         self.routers
             .iter()
             .chain(&self.gateways)
@@ -415,45 +376,45 @@ impl Cluster {
 
     /// SIGTERMs every running gateway at once and then every router, waiting (at most `limit`
     /// each) for them to exit; returns every exit status, gateways first.
-    pub(crate) async fn terminate_all(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+    pub async fn terminate_all(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
         let mut statuses = self.terminate_gateways(limit).await;
         statuses.extend(self.terminate_routers(limit).await);
         statuses
     }
 
     /// SIGTERMs every running gateway at once and waits for them.
-    pub(crate) async fn terminate_gateways(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+    pub async fn terminate_gateways(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
         terminate_each(&mut self.gateways, limit).await
     }
 
     /// SIGTERMs every running router at once and waits for them.
-    pub(crate) async fn terminate_routers(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
+    pub async fn terminate_routers(&mut self, limit: Duration) -> Vec<(String, ExitStatus)> {
         terminate_each(&mut self.routers, limit).await
     }
 
     /// SIGKILLs gateway `n`.
-    pub(crate) async fn kill_gateway(&mut self, n: usize) {
+    pub async fn kill_gateway(&mut self, n: usize) {
         self.gateways[n - 1].kill().await;
     }
 
     /// SIGTERMs gateway `n` and waits (at most `limit`) for it to drain and exit.
-    pub(crate) async fn terminate_gateway(&mut self, n: usize, limit: Duration) -> ExitStatus {
+    pub async fn terminate_gateway(&mut self, n: usize, limit: Duration) -> ExitStatus {
         self.gateways[n - 1].terminate(limit).await
     }
 
     /// Sends a signal (`STOP`, `CONT`, …) to router `n`.
-    pub(crate) fn signal_router(&self, n: usize, signal: &str) {
+    pub fn signal_router(&self, n: usize, signal: &str) {
         self.routers[n - 1].signal(signal);
     }
 
     /// SIGKILLs router `n`.
-    pub(crate) async fn kill_router(&mut self, n: usize) {
+    pub async fn kill_router(&mut self, n: usize) {
         self.routers[n - 1].kill().await;
     }
 
     /// Starts every stopped router and gateway again (gateways on their old ports when free)
     /// and waits until all serve.
-    pub(crate) async fn restart_stopped(&mut self) {
+    pub async fn restart_stopped(&mut self) {
         let mut moved = false;
         for n in 1..=self.routers.len() {
             if !self.routers[n - 1].is_running() {
@@ -481,12 +442,12 @@ impl Cluster {
     /// Runs one more `role` process (`gateway` or `router`) with the cluster's flags but
     /// `--partitions partitions`, until it exits by itself (at most [`START_LIMIT`]); returns how
     /// it exited and its output.
-    pub(crate) async fn run_with_partitions(&self, role: &str, partitions: u32) -> (ExitStatus, String) {
+    pub async fn run_with_partitions(&self, role: &str, partitions: u32) -> (ExitStatus, String) {
         let name = format!("{role}-partitions-{partitions}");
         let mut args = self.common_args(role, &name);
         set_flag(&mut args, "--partitions", &partitions.to_string());
         args.extend(["--listen", "127.0.0.1:0"].map(String::from));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_chatoy"));
+        let mut command = Command::new(chatoy_binary());
         command.args(&args);
         scrub_env(&mut command);
         let log = self.dir.path().join(format!("{name}.log"));
@@ -494,7 +455,7 @@ impl Cluster {
     }
 
     /// Starts one more router; returns its number.
-    pub(crate) async fn add_router(&mut self) -> usize {
+    pub async fn add_router(&mut self) -> usize {
         let mut router = self.router_process();
         router.start(ROUTER_READY, START_LIMIT).await;
         self.routers.push(router);
@@ -505,7 +466,7 @@ impl Cluster {
 
     /// Starts one more gateway with the cluster's gateway flags, adds it to the HAProxy (a soft
     /// reload: open sockets stay) and waits until it answers through it; returns its number.
-    pub(crate) async fn add_gateway(&mut self) -> usize {
+    pub async fn add_gateway(&mut self) -> usize {
         let mut gateway = self.gateway_process();
         gateway.start(GATEWAY_READY, START_LIMIT).await;
         self.gateways.push(gateway);
@@ -520,8 +481,7 @@ impl Drop for Cluster {
             process.kill_now();
         }
         if self.lb_port != 0 {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/haproxy");
-            let mut command = Command::new(script);
+            let mut command = Command::new(script("haproxy"));
             command.arg("stop");
             scrub_env(&mut command);
             command.env("CHATOY_RUN_DIR", self.lb_run_dir());
@@ -552,151 +512,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Runs `action` on each entry of a comma-separated list until one succeeds; the last error
-/// if none does.
-fn on_any(list: &str, action: impl Fn(&str) -> Result<(), String>) -> Result<(), String> {
-    let mut last = Err(format!("the list {list:?} is empty"));
-    for entry in list.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
-        last = action(entry);
-        if last.is_ok() {
-            break;
-        }
-    }
-    last
-}
-
-/// `DROP KEYSPACE IF EXISTS` through a minimal CQL v4 exchange (STARTUP, QUERY), blocking.
-pub(crate) fn drop_keyspace(cql_nodes: &str, keyspace: &str) -> Result<(), String> {
-    use std::io::{Read, Write};
-
-    fn frame(stream: i16, opcode: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x04, 0x00];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.push(opcode);
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
-    fn short_string(out: &mut Vec<u8>, text: &str) {
-        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
-        out.extend_from_slice(text.as_bytes());
-    }
-    fn answer(conn: &mut std::net::TcpStream) -> Result<(u8, Vec<u8>), String> {
-        let mut head = [0u8; 9];
-        conn.read_exact(&mut head).map_err(|err| err.to_string())?;
-        let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
-        let mut body = vec![0; len];
-        conn.read_exact(&mut body).map_err(|err| err.to_string())?;
-        Ok((head[4], body))
-    }
-    fn error_text(body: &[u8]) -> String {
-        String::from_utf8_lossy(body.get(6..).unwrap_or_default()).into_owned()
-    }
-
-    let node = cql_nodes.split(',').next().unwrap_or_default().trim();
-    let addr: std::net::SocketAddr = node.parse().map_err(|err| format!("{node}: {err}"))?;
-    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|err| format!("connect {node}: {err}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(|err| err.to_string())?;
-    let mut startup = 1u16.to_be_bytes().to_vec();
-    short_string(&mut startup, "CQL_VERSION");
-    short_string(&mut startup, "3.0.0");
-    conn.write_all(&frame(0, 0x01, &startup))
-        .map_err(|err| err.to_string())?;
-    match answer(&mut conn)? {
-        (0x02, _) => {}
-        (opcode, body) => return Err(format!("STARTUP answered {opcode:#x}: {}", error_text(&body))),
-    }
-    let query = format!("DROP KEYSPACE IF EXISTS {keyspace}");
-    let mut body = (query.len() as u32).to_be_bytes().to_vec();
-    body.extend_from_slice(query.as_bytes());
-    // Consistency ONE, no flags.
-    body.extend_from_slice(&[0x00, 0x01, 0x00]);
-    conn.write_all(&frame(1, 0x07, &body))
-        .map_err(|err| err.to_string())?;
-    match answer(&mut conn)? {
-        (0x08, _) => Ok(()),
-        (opcode, body) => Err(format!("{query} answered {opcode:#x}: {}", error_text(&body))),
-    }
-}
-
-/// Deletes every JetStream stream that captures `subject`, through a minimal NATS exchange
-/// (`$JS.API.STREAM.NAMES`, then `$JS.API.STREAM.DELETE.<name>`), blocking.
-pub(crate) fn delete_streams(nats_url: &str, subject: &str) -> Result<(), String> {
-    use std::io::{BufRead, Read, Write};
-
-    let host = nats_url
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .trim_start_matches("nats://");
-    let addr: std::net::SocketAddr = host.parse().map_err(|err| format!("{host}: {err}"))?;
-    let conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|err| format!("connect {host}: {err}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|err| err.to_string())?;
-    let mut writer = conn.try_clone().map_err(|err| err.to_string())?;
-    let mut reader = std::io::BufReader::new(conn);
-    let inbox = format!("_INBOX.e2e{}", random_hex(16));
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).map_err(|err| err.to_string())?;
-    if !greeting.starts_with("INFO") {
-        return Err(format!("unexpected greeting {greeting:?}"));
-    }
-    let connect = format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {inbox} 1\r\n");
-    writer
-        .write_all(connect.as_bytes())
-        .map_err(|err| err.to_string())?;
-    let mut request = |subject: &str, payload: &str| -> Result<serde_json::Value, String> {
-        let publish = format!("PUB {subject} {inbox} {}\r\n{payload}\r\n", payload.len());
-        writer
-            .write_all(publish.as_bytes())
-            .map_err(|err| err.to_string())?;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).map_err(|err| err.to_string())? == 0 {
-                return Err("NATS closed the connection".into());
-            }
-            if line.starts_with("PING") {
-                writer.write_all(b"PONG\r\n").map_err(|err| err.to_string())?;
-            } else if line.starts_with("-ERR") {
-                return Err(line.trim().to_owned());
-            } else if line.starts_with("MSG ") {
-                let len: usize = line
-                    .split_whitespace()
-                    .last()
-                    .and_then(|len| len.parse().ok())
-                    .ok_or_else(|| format!("bad MSG line {line:?}"))?;
-                let mut payload = vec![0; len + 2];
-                reader.read_exact(&mut payload).map_err(|err| err.to_string())?;
-                return serde_json::from_slice(&payload[..len]).map_err(|err| err.to_string());
-            }
-        }
-    };
-    let names = request(
-        "$JS.API.STREAM.NAMES",
-        &serde_json::json!({ "subject": subject }).to_string(),
-    )?;
-    let streams: Vec<String> = names["streams"]
-        .as_array()
-        .map(|names| {
-            names
-                .iter()
-                .filter_map(|n| n.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    for stream in streams {
-        let answer = request(&format!("$JS.API.STREAM.DELETE.{stream}"), "")?;
-        if answer["success"] != serde_json::json!(true) {
-            return Err(format!("deleting {stream}: {answer}"));
-        }
-    }
-    Ok(())
-}
-
 async fn terminate_each(processes: &mut [Process], limit: Duration) -> Vec<(String, ExitStatus)> {
     let running: Vec<&mut Process> = processes.iter_mut().filter(|p| p.is_started()).collect();
     let names: Vec<String> = running.iter().map(|p| p.name().to_owned()).collect();
@@ -705,7 +520,7 @@ async fn terminate_each(processes: &mut [Process], limit: Duration) -> Vec<(Stri
 }
 
 /// Polls `url` until it answers 200 (at most 30 s).
-pub(crate) async fn wait_ok(url: &str, what: &str) {
+pub async fn wait_ok(url: &str, what: &str) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
