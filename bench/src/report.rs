@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::cli::Common;
 use crate::procfs::CpuUsage;
 use crate::scenario::churn::ChurnResult;
 use crate::scenario::fanout::FanoutResult;
@@ -51,7 +52,6 @@ pub(crate) struct Report {
     pub(crate) problems: Vec<String>,
 }
 
-/// `12_345_678` bytes → `11.77 MiB`.
 /// Adds `"{count} {what}"` to `problems` for every non-zero count.
 pub(crate) fn note_counts(problems: &mut Vec<String>, counts: &[(u64, &str)]) {
     for &(count, what) in counts {
@@ -59,6 +59,25 @@ pub(crate) fn note_counts(problems: &mut Vec<String>, counts: &[(u64, &str)]) {
             problems.push(format!("{count} {what}"));
         }
     }
+}
+
+/// The report's count of acks per `send` code, from a count per code (the last counts every
+/// code from 7 on: `"7+"`); codes never seen are left out.
+pub(crate) fn acks_by_code(codes: &[u64]) -> BTreeMap<String, u64> {
+    let last = codes.len().saturating_sub(1);
+    codes
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(code, &n)| {
+            let key = if code == last {
+                format!("{code}+")
+            } else {
+                code.to_string()
+            };
+            (key, n)
+        })
+        .collect()
 }
 
 /// Acks with a code other than 0, from a count per code.
@@ -70,6 +89,7 @@ pub(crate) fn refused_acks(acks_by_code: &BTreeMap<String, u64>) -> u64 {
         .sum()
 }
 
+/// `12_345_678` bytes → `11.77 MiB`.
 pub(crate) fn bytes(value: f64) -> String {
     let abs = value.abs();
     if abs >= 1024.0 * 1024.0 * 1024.0 {
@@ -84,6 +104,41 @@ pub(crate) fn bytes(value: f64) -> String {
 }
 
 impl Report {
+    /// The report of a `scenario` run with what every scenario measures, its generic problems
+    /// noted (see [`Report::note_common_problems`]); the scenario adds its own results.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        scenario: &'static str,
+        common: &Common,
+        prefix: String,
+        params: serde_json::Value,
+        setup_secs: f64,
+        connect: ConnectStats,
+        cpu: CpuUsage,
+        socket_ends: BTreeMap<String, u64>,
+        task_failures: Vec<String>,
+    ) -> Report {
+        let mut report = Report {
+            tool: format!("chatoy-bench {}", env!("CARGO_PKG_VERSION")),
+            scenario,
+            url: common.url.to_string(),
+            server_pid: common.pid,
+            prefix,
+            params,
+            setup_secs,
+            connect,
+            cpu,
+            socket_ends,
+            task_failures,
+            idle: None,
+            fanout: None,
+            churn: None,
+            problems: Vec::new(),
+        };
+        report.note_common_problems();
+        report
+    }
+
     /// Collects the generic problems (connects, socket ends, panics) into `problems`.
     pub(crate) fn note_common_problems(&mut self) {
         if self.connect.failed > 0 {

@@ -159,6 +159,23 @@ impl Api {
             .await
     }
 
+    /// Registers `users` users and spreads them over `rooms` rooms: users `0..rooms` create
+    /// one room each, every other user joins room `user % rooms`. Returns the accounts and the
+    /// rooms' ids.
+    pub(crate) async fn accounts_in_rooms(&self, users: u64, rooms: u64) -> Result<(Vec<Account>, Vec<u64>)> {
+        let accounts = self.accounts(users).await?;
+        let owners: Vec<_> = accounts.iter().take(rooms as usize).collect();
+        let room_ids = self.create_rooms(&owners).await?;
+        let joins: Vec<_> = accounts
+            .iter()
+            .enumerate()
+            .skip(rooms as usize)
+            .filter_map(|(i, account)| Some((account, *room_ids.get(i.checked_rem(room_ids.len())?)?)))
+            .collect();
+        self.join_all(&joins).await?;
+        Ok((accounts, room_ids))
+    }
+
     /// Makes every (member, room) pair a membership.
     pub(crate) async fn join_all(&self, joins: &[(&Account, u64)]) -> Result<()> {
         futures_util::stream::iter(joins.iter())

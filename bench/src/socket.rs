@@ -20,7 +20,7 @@ use crate::wire::{self, Frame, Server, WireError, WriteBuf, OP_PONG, OP_TEXT};
 mod stats;
 
 use stats::*;
-pub(crate) use stats::{words_per_sender, Outcome, Received, Sent};
+pub(crate) use stats::{words_per_sender, Outcome, Received, ReceivedTotals, Sent};
 
 /// Running totals over all sockets, read by the progress line and the coordinator.
 #[derive(Debug, Default)]
@@ -68,6 +68,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A run's shared state, its epoch now: rooms of `members` sockets, the first `senders` of
+    /// which send `messages` each; receivers record every delivery if `track`.
+    pub(crate) fn new(members: u64, senders: u64, messages: u64, track: bool) -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            run: rand::random(),
+            members,
+            senders,
+            messages,
+            track,
+            start: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            counters: Counters::default(),
+            senders_left: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            sender_done: Notify::new(),
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }

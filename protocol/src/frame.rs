@@ -245,40 +245,7 @@ pub fn recv_frame(message: Message) -> bytes::Bytes {
 mod tests {
     use super::*;
 
-    // The seed document's examples, verbatim.
-    const SEED_AUTH: &str = r#"{"type":"auth","token":"0123456789abcdef"}"#;
-    const SEED_AUTH_OK: &str = r#"{"type":"auth","code":0,"msg":""}"#;
-    const SEED_AUTH_EXPIRED: &str = r#"{"type":"auth","code":1,"msg":"Login status expired!"}"#;
-    const SEED_MSG: &str = r#"{
-  "type": "msg",
-  "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
-  "room": 1,
-  "data": {
-    "type": "Text",
-    "text": "Hello, Chatoy!"
-  }
-}"#;
-    const SEED_SEND: &str = r#"{
-  "type": "send",
-  "code": 0,
-  "msg": "",
-  "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
-  "sent": "2022-12-22T14:33:59.579746716+08:00"
-}"#;
-    const SEED_RECV: &str = r#"{
-  "type": "recv",
-  "data": {
-    "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
-    "sender": 1,
-    "room": 1,
-    "data": {
-      "type": "Text",
-      "text": "Hello, Chatoy!"
-    },
-    "sent": "2022-12-22T14:33:59.579746716+08:00",
-    "modified": false
-  }
-}"#;
+    use chatoy_testkit::seed::{SEED_AUTH, SEED_AUTH_EXPIRED, SEED_AUTH_OK, SEED_MSG, SEED_RECV, SEED_SEND};
 
     /// Removes the pretty-printing whitespace (outside strings) of a seed example, keeping key order.
     fn compact(json: &str) -> String {

@@ -1,5 +1,5 @@
 //! Chatoy's end-to-end test fixtures, shared by every test binary of the `chatoy` package (e2e,
-//! cluster, cql_down, faults, fuzz). They speak only the public protocol (HTTP and WebSocket) to
+//! cluster, cql_down, faults, fuzz), and the fuzzers' shared parts (also the protocol crate's). They speak only the public protocol (HTTP and WebSocket) to
 //! real processes, and fail the test loudly on anything they cannot do.
 //!
 //! By concern:
@@ -11,19 +11,24 @@
 //!   run on, and the guard of the shared Cassandra node for tests that stop it;
 //! - `api`: the HTTP API; `ws`: a tungstenite WebSocket client; `raw_ws` and `raw_http`:
 //!   hand-rolled clients that can put any bytes on the wire;
-//! - `shape`: the exact shapes of PROTOCOL.md, asserted, and the frames a test sends;
+//! - `shape`: the exact shapes of PROTOCOL.md, asserted, and the frames a test sends; `seed`:
+//!   the seed document's example frames;
 //! - `resilient`: a client that reconnects, resumes and resends as a real one does, many of them
 //!   at once, and the check of what they saw against the rooms' histories;
+//! - `fuzz`: what the frame parser's and the live connection's fuzzers share (a JSON tree that
+//!   keeps what `serde_json` loses, its mutations);
 //! - `util`: the bound on any wait, random names, seeds, polling.
 //!
 //! The items tests use most are re-exported here.
 
 pub mod api;
+pub mod fuzz;
 pub mod minicluster;
 pub mod process;
 pub mod raw_http;
 pub mod raw_ws;
 pub mod resilient;
+pub mod seed;
 pub mod server;
 pub mod services;
 pub mod shape;
@@ -33,7 +38,7 @@ pub mod ws;
 pub use api::{metric_value, percent_encode, Api, Reply, TestUser, PASSWORD};
 pub use process::{
     chatoy_binary, pid_listening_on, repo_root, rss_kib, run_checked, run_command, script, scrub_env,
-    wait_exit, Process, TempDir,
+    wait_exit, PeakRss, Process, TempDir,
 };
 pub use raw_http::{RawHttp, RawResponse, UPGRADE_HEADERS};
 pub use raw_ws::{close_code, close_reason, opcode, RawFrame, RawWs};

@@ -32,6 +32,8 @@ const ROUTER_READY: &str = "chatoy router health on http://127.0.0.1:";
 /// How long a dead router keeps its partitions: short, so tests that stop routers move on.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The partitions of every cluster's work stream.
+pub const PARTITIONS: u32 = 16;
 /// How long any process may take to start (Cassandra answers slowly on a busy machine).
 const START_LIMIT: Duration = Duration::from_secs(60);
 
@@ -197,7 +199,7 @@ impl Cluster {
             "--cql-nodes",
             &self.services.cql_nodes,
             "--partitions",
-            "16",
+            &PARTITIONS.to_string(),
             "--failover-timeout",
             &format!("{}s", FAILOVER_TIMEOUT.as_secs()),
             "--node-id",

@@ -6,10 +6,12 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::util::{random_hex, WAIT};
 
@@ -366,4 +368,55 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok());
     Some(rss.unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// A process's peak resident set size while a test does something: sampled on a task of its
+/// own from [`PeakRss::start`] until [`PeakRss::stop`].
+pub struct PeakRss {
+    pid: u32,
+    before: u64,
+    peak: Arc<AtomicU64>,
+    sampling: Arc<AtomicBool>,
+    sampler: JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`, which must run, every `every`.
+    pub fn start(pid: u32, every: Duration) -> PeakRss {
+        let before = rss_kib(pid).expect("the process runs");
+        let peak = Arc::new(AtomicU64::new(before));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = tokio::spawn({
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            async move {
+                // The process outlives the sampling unless the test failed already.
+                while sampling.load(Ordering::SeqCst) {
+                    let Some(rss) = rss_kib(pid) else { return };
+                    peak.fetch_max(rss, Ordering::SeqCst);
+                    tokio::time::sleep(every).await;
+                }
+            }
+        });
+        PeakRss {
+            pid,
+            before,
+            peak,
+            sampling,
+            sampler,
+        }
+    }
+
+    /// The resident set size in KiB when the sampling started.
+    pub fn before(&self) -> u64 {
+        self.before
+    }
+
+    /// Stops sampling, takes a last sample (the process must still run) and returns the peak
+    /// in KiB.
+    pub async fn stop(self) -> u64 {
+        self.sampling.store(false, Ordering::SeqCst);
+        self.sampler.await.expect("the RSS sampler");
+        let last = rss_kib(self.pid).expect("the process runs");
+        self.peak.fetch_max(last, Ordering::SeqCst).max(last)
+    }
 }

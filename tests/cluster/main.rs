@@ -9,6 +9,7 @@
 //! the `chatoy-testkit` crate's.
 
 mod cross_gateway;
+mod direct;
 mod failover;
 mod latency;
 mod layout;

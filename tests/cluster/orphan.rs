@@ -3,11 +3,11 @@
 //! event names the previous message, and the gateways fill the hole from the store, in order.
 
 use chatoy_protocol::Timestamp;
-use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
-use serde_json::json;
-
 use chatoy_testkit::minicluster::{Cluster, Spec};
 use chatoy_testkit::{assert_send, new_uuid, ts, Ws};
+use serde_json::json;
+
+use crate::direct::RoomWriter;
 
 #[tokio::test]
 async fn a_stored_but_unpublished_message_is_delivered_before_the_next() {
@@ -31,39 +31,14 @@ async fn a_stored_but_unpublished_message_is_delivered_before_the_next() {
 
     // What a router that died between storing and publishing leaves: a stored message (from
     // carol, who has no socket) that no gateway was told about.
-    let (keyspace, nodes) = cluster.keyspace();
-    let store = CqlStore::connect(&CqlConfig {
-        nodes: nodes.split(',').map(str::to_owned).collect(),
-        keyspace: keyspace.to_owned(),
-        ..CqlConfig::default()
-    })
-    .await
-    .expect("connect to the cluster's keyspace");
-    // The orphan is written the way a router writes: under a claim of the room's partition
-    // (the cluster runs 16). That claim deposes the running router, as a takeover does.
+    // The orphan is written the way a router writes: under a claim of the room's partition.
+    // That claim deposes the running router, as a takeover does.
     let orphan = uuid::Uuid::new_v4();
     let orphan_sent = Timestamp::now();
-    let fence = store
-        .claim(chatoy_protocol::partition_of(room, 16), "orphan-writer")
-        .await
-        .expect("claim the room's partition");
-    store.open_room(fence, room).await.expect("open the room");
-    let batch = vec![RoomBatch {
-        room,
-        messages: vec![NewMessage {
-            uuid: orphan,
-            sender: carol.id,
-            room,
-            content: Content::Text("stored, never published".into()),
-            sent: orphan_sent,
-        }],
-    }];
-    store
-        .submit(fence, batch)
-        .await
-        .expect("submit the orphan")
-        .await
-        .expect("write the orphan");
+    let writer = RoomWriter::claim(&cluster, room, "orphan-writer").await;
+    writer
+        .store(orphan, carol.id, "stored, never published", orphan_sent)
+        .await;
 
     // The deposed router's next write fails (code 5: outcome unknown); the resend, like a
     // client's, is sequenced under a new claim, after the orphan.

@@ -11,14 +11,11 @@
 use std::collections::BTreeMap;
 
 use chatoy_protocol::{partition_of, Timestamp};
-use chatoy_store::{Content, CqlConfig, CqlStore, NewMessage, RoomBatch, Store};
+use chatoy_testkit::minicluster::{Cluster, Spec, PARTITIONS};
+use chatoy_testkit::{new_uuid, ts, uuids_by_room, Ws};
 use serde_json::json;
 
-use chatoy_testkit::minicluster::{Cluster, Spec};
-use chatoy_testkit::{new_uuid, ts, uuids_by_room, Ws};
-
-/// The cluster's partition count (tests/e2e/minicluster.rs).
-const PARTITIONS: u32 = 16;
+use crate::direct::RoomWriter;
 
 #[tokio::test]
 async fn a_room_sequenced_behind_another_is_resumed_only_per_room() {
@@ -45,19 +42,7 @@ async fn a_room_sequenced_behind_another_is_resumed_only_per_room() {
     assert_eq!(bob_ws.next_recv().await["uuid"], json!(a0));
 
     // Room A's sequencer assigns `sent` to a1 now, and its write is still on its way...
-    let (keyspace, nodes) = cluster.keyspace();
-    let store = CqlStore::connect(&CqlConfig {
-        nodes: nodes.split(',').map(str::to_owned).collect(),
-        keyspace: keyspace.to_owned(),
-        ..CqlConfig::default()
-    })
-    .await
-    .expect("connect to the cluster's keyspace");
-    let fence = store
-        .claim(partition_of(a, PARTITIONS), "room-a-sequencer")
-        .await
-        .expect("claim room A's partition");
-    store.open_room(fence, a).await.expect("open room A");
+    let writer = RoomWriter::claim(&cluster, a, "room-a-sequencer").await;
     let a1 = uuid::Uuid::new_v4();
     let a1_sent = Timestamp::now();
 
@@ -68,22 +53,7 @@ async fn a_room_sequenced_behind_another_is_resumed_only_per_room() {
     assert!(ts(&b1_sent) > a1_sent.0, "b1 is sequenced after a1");
 
     // Now a1 becomes visible: after b1, with an earlier `sent`.
-    let batch = vec![RoomBatch {
-        room: a,
-        messages: vec![NewMessage {
-            uuid: a1,
-            sender: carol.id,
-            room: a,
-            content: Content::Text("a1".into()),
-            sent: a1_sent,
-        }],
-    }];
-    store
-        .submit(fence, batch)
-        .await
-        .expect("submit a1")
-        .await
-        .expect("store a1");
+    writer.store(a1, carol.id, "a1", a1_sent).await;
     let a1 = a1.hyphenated().to_string();
     let history = api.history(&bob.token, a, None, Some(10)).await;
     assert!(

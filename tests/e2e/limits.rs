@@ -5,14 +5,12 @@
 //! with bounded gateway memory, followed by a lossless resume.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use chatoy_testkit::{
-    assert_send, msg_frame, new_uuid, opcode, random_hex, rss_kib, ts, within, Event, RawHttp, RawWs, Server,
+    assert_send, msg_frame, new_uuid, opcode, random_hex, ts, within, Event, PeakRss, RawHttp, RawWs, Server,
     Ws, PASSWORD, UPGRADE_HEADERS, WAIT,
 };
 
@@ -262,21 +260,7 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
 
     // The gateway's resident memory while bob does not read: sampled until the flood is over.
     let pid = server.gateway_pid(1);
-    let before = rss_kib(pid).expect("the gateway runs");
-    let peak = Arc::new(AtomicU64::new(before));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = tokio::spawn({
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        async move {
-            // The process outlives the sampling unless the test failed already.
-            while sampling.load(Ordering::SeqCst) {
-                let Some(rss) = rss_kib(pid) else { return };
-                peak.fetch_max(rss, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            peak.fetch_max(rss_kib(pid).expect("the gateway runs"), Ordering::SeqCst);
-        }
-    });
+    let rss = PeakRss::start(pid, Duration::from_millis(50));
 
     // Bob stops reading; alice floods with up to 12 unacknowledged messages (her own queue holds
     // 16 answers) of 4000 four-byte
@@ -303,9 +287,8 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     })
     .await;
     acked.sort_by_key(|(_, sent)| *sent);
-    sampling.store(false, Ordering::SeqCst);
-    sampler.await.expect("the RSS sampler");
-    let peak = peak.load(Ordering::SeqCst);
+    let before = rss.before();
+    let peak = rss.stop().await;
     let grown_mib = peak.saturating_sub(before) as f64 / 1024.0;
     println!(
         "gateway VmRSS: {} MiB before the flood, at most {} MiB while bob did not read \

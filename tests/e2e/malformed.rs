@@ -274,21 +274,13 @@ fn gen_case(rng: &mut StdRng, ctx: &Ctx) -> Case {
         ),
         // Invalid UTF-8 in a text frame.
         780..=829 => {
-            const BAD: &[&[u8]] = &[
-                b"\xff",
-                b"\xfe",
-                b"\xc0\x80",
-                b"\xed\xa0\x80",
-                b"\xf8\x88\x80\x80\x80",
-                b"\xe2\x82",
-                b"\x80",
-                b"\xf4\x90\x80\x80",
-            ];
             let mut frame = valid_msg(&random_uuid(rng), ctx.room, "broken")
                 .to_string()
                 .into_bytes();
             let at = rng.random_range(0..=frame.len());
-            let bad = *BAD.choose(rng).unwrap_or(&&b"\xff"[..]);
+            let bad = *chatoy_testkit::fuzz::BAD_UTF8
+                .choose(rng)
+                .unwrap_or(&&b"\xff"[..]);
             frame.splice(at..at, bad.iter().copied());
             Case::new("invalid UTF-8", any_target(rng), frame, Expect::Close(1007))
         }

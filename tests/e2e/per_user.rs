@@ -4,13 +4,13 @@
 //! hash for a taken name), a token that expires on an open socket (1008), and timestamps past
 //! what nanoseconds hold (clamped).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
-use chatoy_testkit::{assert_auth, new_uuid, random_hex, rss_kib, within, Event, Server, Ws, PASSWORD, WAIT};
+use chatoy_testkit::{
+    assert_auth, new_uuid, random_hex, rss_kib, within, Event, PeakRss, Server, Ws, PASSWORD, WAIT,
+};
 
 /// The user's sockets past `--max-sockets-per-user` are closed with 1008 at `auth`; the others
 /// are untouched, and a place freed is taken again.
@@ -206,19 +206,7 @@ async fn password_hashes_are_bounded() {
     );
 
     let pid = server.gateway_pid(1);
-    let before = rss_kib(pid).expect("the gateway runs");
-    let peak = Arc::new(AtomicU64::new(before));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = tokio::spawn({
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        async move {
-            while sampling.load(Ordering::SeqCst) {
-                let Some(rss) = rss_kib(pid) else { return };
-                peak.fetch_max(rss, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
+    let rss = PeakRss::start(pid, Duration::from_millis(20));
     // Keep-alive clients (one connection each, many requests), all at once.
     let flood: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -243,9 +231,8 @@ async fn password_hashes_are_bounded() {
     for client in flood {
         codes.extend(client.await.expect("a flood client"));
     }
-    sampling.store(false, Ordering::SeqCst);
-    sampler.await.expect("the RSS sampler");
-    let grown_mib = peak.load(Ordering::SeqCst).saturating_sub(before) as f64 / 1024.0;
+    let before = rss.before();
+    let grown_mib = rss.stop().await.saturating_sub(before) as f64 / 1024.0;
     let created = codes.iter().filter(|code| **code == 201).count();
     let busy = codes.iter().filter(|code| **code == 503).count();
     println!(

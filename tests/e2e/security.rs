@@ -68,6 +68,24 @@ async fn request(
     }
 }
 
+/// Asserts a page of `origin` can neither preflight a request nor open a WebSocket (403).
+async fn assert_preflight_and_upgrade_refused(server: &Server, token: &str, origin: &str) {
+    let answer = request(server, Method::OPTIONS, "/rooms", Some(origin), None, None).await;
+    assert_eq!(answer.status, 403, "{origin}: preflight {answer:?}");
+    assert_eq!(upgrade_with_origin(server, token, origin).await, 403, "{origin}");
+}
+
+/// `GET /rooms/me` with `token`, from a page of `origin` (none: not a browser).
+async fn my_rooms(server: &Server, origin: Option<&str>, token: &str) -> Answer {
+    request(server, Method::GET, "/rooms/me", origin, Some(token), None).await
+}
+
+/// `POST /login` of `username` (password [`PASSWORD`]), from a page of `origin`.
+async fn login_from(server: &Server, origin: Option<&str>, username: &str) -> Answer {
+    let body = json!({"username": username, "password": PASSWORD});
+    request(server, Method::POST, "/login", origin, None, Some(body)).await
+}
+
 /// Opens a WebSocket with an `Origin`; returns the HTTP status of the upgrade (101 if accepted,
 /// after checking that the socket works).
 async fn upgrade_with_origin(server: &Server, token: &str, origin: &str) -> u16 {
@@ -101,18 +119,10 @@ async fn default_origins_allow_only_the_own_host_and_no_origin() {
     // Non-browser clients send no Origin; a page of the server's own host sends its own: both
     // are served, and no CORS headers are ever sent by default.
     for origin in [None, Some(own.as_str())] {
-        let answer = request(&server, Method::GET, "/rooms/me", origin, Some(&user.token), None).await;
+        let answer = my_rooms(&server, origin, &user.token).await;
         assert_eq!(answer.status, 200, "Origin {origin:?}: {answer:?}");
         assert_eq!(answer.allow_origin, None, "{answer:?}");
-        let answer = request(
-            &server,
-            Method::POST,
-            "/login",
-            origin,
-            None,
-            Some(json!({"username": user.username, "password": PASSWORD})),
-        )
-        .await;
+        let answer = login_from(&server, origin, &user.username).await;
         assert_eq!(answer.status, 200, "Origin {origin:?}: {answer:?}");
         assert_eq!(answer.allow_origin, None, "{answer:?}");
     }
@@ -120,38 +130,16 @@ async fn default_origins_allow_only_the_own_host_and_no_origin() {
 
     // Any other origin: 403 on every request and on the WebSocket upgrade.
     for origin in ["https://evil.example", "http://127.0.0.1:1", "null"] {
-        let answer = request(
-            &server,
-            Method::GET,
-            "/rooms/me",
-            Some(origin),
-            Some(&user.token),
-            None,
-        )
-        .await;
+        let answer = my_rooms(&server, Some(origin), &user.token).await;
         assert_eq!(answer.status, 403, "{origin}: {answer:?}");
         assert_eq!(answer.body["code"], json!(403), "{answer:?}");
         assert_eq!(answer.allow_origin, None, "{answer:?}");
-        let answer = request(
-            &server,
-            Method::POST,
-            "/login",
-            Some(origin),
-            None,
-            Some(json!({"username": user.username, "password": PASSWORD})),
-        )
-        .await;
+        let answer = login_from(&server, Some(origin), &user.username).await;
         assert_eq!(
             answer.status, 403,
             "{origin}: a foreign page cannot log in: {answer:?}"
         );
-        let answer = request(&server, Method::OPTIONS, "/rooms", Some(origin), None, None).await;
-        assert_eq!(answer.status, 403, "{origin}: preflight {answer:?}");
-        assert_eq!(
-            upgrade_with_origin(&server, &user.token, origin).await,
-            403,
-            "{origin}"
-        );
+        assert_preflight_and_upgrade_refused(&server, &user.token, origin).await;
     }
     // A same-origin page never preflights; an OPTIONS that is not a CORS preflight is 405.
     let answer = request(&server, Method::OPTIONS, "/rooms", None, None, None).await;
@@ -171,15 +159,7 @@ async fn listed_origins_get_cors_and_others_403() {
 
     // A listed origin: served, with CORS headers on successes and errors alike.
     for origin in [listed, "http://localhost:3000"] {
-        let answer = request(
-            &server,
-            Method::GET,
-            "/rooms/me",
-            Some(origin),
-            Some(&user.token),
-            None,
-        )
-        .await;
+        let answer = my_rooms(&server, Some(origin), &user.token).await;
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_eq!(answer.allow_origin.as_deref(), Some(origin), "{answer:?}");
         assert!(
@@ -190,30 +170,14 @@ async fn listed_origins_get_cors_and_others_403() {
             "{answer:?}"
         );
     }
-    let answer = request(
-        &server,
-        Method::GET,
-        "/rooms/me",
-        Some(listed),
-        Some("f00d"),
-        None,
-    )
-    .await;
+    let answer = my_rooms(&server, Some(listed), "f00d").await;
     assert_eq!(answer.status, 401, "{answer:?}");
     assert_eq!(
         answer.allow_origin.as_deref(),
         Some(listed),
         "a browser can read the error"
     );
-    let answer = request(
-        &server,
-        Method::POST,
-        "/login",
-        Some(listed),
-        None,
-        Some(json!({"username": user.username, "password": PASSWORD})),
-    )
-    .await;
+    let answer = login_from(&server, Some(listed), &user.username).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.allow_origin.as_deref(), Some(listed));
 
@@ -238,38 +202,16 @@ async fn listed_origins_get_cors_and_others_403() {
 
     // The own host is still served (without CORS headers); an unlisted origin is refused.
     let own = own_origin(&server);
-    let answer = request(
-        &server,
-        Method::GET,
-        "/rooms/me",
-        Some(&own),
-        Some(&user.token),
-        None,
-    )
-    .await;
+    let answer = my_rooms(&server, Some(&own), &user.token).await;
     assert_eq!((answer.status, answer.allow_origin), (200, None));
     for origin in [
         "https://evil.example",
         "https://app.example.com:8443",
         "http://app.example.com",
     ] {
-        let answer = request(
-            &server,
-            Method::GET,
-            "/rooms/me",
-            Some(origin),
-            Some(&user.token),
-            None,
-        )
-        .await;
+        let answer = my_rooms(&server, Some(origin), &user.token).await;
         assert_eq!(answer.status, 403, "{origin}: {answer:?}");
-        let answer = request(&server, Method::OPTIONS, "/rooms", Some(origin), None, None).await;
-        assert_eq!(answer.status, 403, "{origin}: preflight {answer:?}");
-        assert_eq!(
-            upgrade_with_origin(&server, &user.token, origin).await,
-            403,
-            "{origin}"
-        );
+        assert_preflight_and_upgrade_refused(&server, &user.token, origin).await;
     }
     assert!(
         api.metric("chatoy_http_refused_total{reason=\"origin\"}")
@@ -285,15 +227,7 @@ async fn any_origin_with_star() {
     let api = server.api();
     let user = api.new_user("star").await;
     for origin in ["https://evil.example", "null"] {
-        let answer = request(
-            &server,
-            Method::GET,
-            "/rooms/me",
-            Some(origin),
-            Some(&user.token),
-            None,
-        )
-        .await;
+        let answer = my_rooms(&server, Some(origin), &user.token).await;
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_eq!(answer.allow_origin.as_deref(), Some(origin), "{answer:?}");
         let answer = request(&server, Method::OPTIONS, "/login", Some(origin), None, None).await;

@@ -6,24 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use chatoy_testkit::seed::{SEED_AUTH, SEED_MSG};
 use chatoy_testkit::{
     assert_auth, assert_error_frame, assert_send, msg_frame, new_uuid, opcode, random_hex, ts, within, Event,
     RawWs, Server, Ws, WAIT,
 };
-
-/// The seed's `auth` example.
-const SEED_AUTH: &str = r#"{"type":"auth","token":"0123456789abcdef"}"#;
-
-/// The seed's `msg` example, pretty-printed exactly as the seed shows it.
-const SEED_MSG: &str = r#"{
-  "type": "msg",
-  "uuid": "67e55044-10b1-426f-9247-bb680e5fe0c8",
-  "room": 1,
-  "data": {
-    "type": "Text",
-    "text": "Hello, Chatoy!"
-  }
-}"#;
 
 const SEED_UUID: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
 
@@ -139,15 +126,7 @@ async fn five_failed_auths_close_1008() {
     }
     ws.send_text(r#"{"type":"auth","token":5}"#).await;
     // The fifth failure may still be answered before the close.
-    let mut event = ws.next_event().await;
-    if let Event::Json(answer) = &event {
-        assert_auth(answer, 1);
-        event = ws.next_event().await;
-    }
-    match event {
-        Event::Close(code, _) => assert_eq!(code, 1008),
-        other => panic!("expected close 1008 after five failed auths, got {other:?}"),
-    }
+    expect_close_after_failed_auths(&mut ws, "five").await;
 }
 
 #[tokio::test]
@@ -158,15 +137,7 @@ async fn max_auth_failures_is_configurable() {
     assert_auth(&answer, 1);
     ws.send_text(&chatoy_testkit::auth_frame(&random_hex(64), None))
         .await;
-    let mut event = ws.next_event().await;
-    if let Event::Json(answer) = &event {
-        assert_auth(answer, 1);
-        event = ws.next_event().await;
-    }
-    match event {
-        Event::Close(code, _) => assert_eq!(code, 1008),
-        other => panic!("expected close 1008 after two failed auths, got {other:?}"),
-    }
+    expect_close_after_failed_auths(&mut ws, "two").await;
 }
 
 #[tokio::test]
@@ -528,4 +499,18 @@ async fn interleaved_frames_each_get_one_answer() {
         assert_error_frame(error);
     }
     assert_eq!(api.history(&user.token, room, None, None).await.len(), 20);
+}
+
+/// After the last failed `auth` a socket may still get its answer (code 1), then the close,
+/// which must be 1008.
+async fn expect_close_after_failed_auths(ws: &mut Ws, failures: &str) {
+    let mut event = ws.next_event().await;
+    if let Event::Json(answer) = &event {
+        assert_auth(answer, 1);
+        event = ws.next_event().await;
+    }
+    match event {
+        Event::Close(code, _) => assert_eq!(code, 1008),
+        other => panic!("expected close 1008 after {failures} failed auths, got {other:?}"),
+    }
 }

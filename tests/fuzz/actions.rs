@@ -4,7 +4,8 @@
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use crate::json::{ByteMutation, StringEdit, Tree, TreeMutation};
+use chatoy_testkit::fuzz::json::{ByteMutation, StringEdit, Tree, TreeMutation};
+use chatoy_testkit::fuzz::{byte_mutation, BAD_UTF8};
 
 /// One client step. Each one that puts a frame on the wire expects exactly one answer (or
 /// none, or a close) before the next step runs, so answers are never ambiguous.
@@ -245,19 +246,6 @@ pub(crate) const BAD_DATA: &[&str] = &[
     r#"{"type":"Text","text":"a","text":"b"}"#,
 ];
 
-/// Invalid UTF-8 sequences: bad bytes, overlong forms, surrogates, truncated sequences,
-/// code points past U+10FFFF.
-pub(crate) const BAD_UTF8: &[&[u8]] = &[
-    b"\xff",
-    b"\xfe",
-    b"\xc0\x80",
-    b"\xed\xa0\x80",
-    b"\xf8\x88\x80\x80\x80",
-    b"\xe2\x82",
-    b"\x80",
-    b"\xf4\x90\x80\x80",
-];
-
 fn token_kind() -> impl Strategy<Value = TokenKind> {
     prop_oneof![
         6 => Just(TokenKind::Fresh),
@@ -408,17 +396,6 @@ fn tree_mutation() -> impl Strategy<Value = TreeMutation> {
         (any::<usize>(), 1usize..160, any::<bool>()).prop_map(|(a, d, arr)| TreeMutation::Nest(a, d, arr)),
         (any::<usize>(), string_edit()).prop_map(|(a, e)| TreeMutation::EditString(a, e)),
         (any::<usize>(), any::<usize>()).prop_map(|(a, b)| TreeMutation::Shuffle(a, b)),
-    ]
-}
-
-fn byte_mutation() -> impl Strategy<Value = ByteMutation> {
-    prop_oneof![
-        any::<usize>().prop_map(ByteMutation::Truncate),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| ByteMutation::FlipBit(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| ByteMutation::Insert(i, b)),
-        (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Delete(i, n)),
-        (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(i, o, f)| ByteMutation::Splice(i, o, f)),
-        (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Repeat(i, n)),
     ]
 }
 

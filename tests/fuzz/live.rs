@@ -17,10 +17,11 @@ use serde_json::Value;
 
 use crate::actions::{
     Action, CloseKind, MsgKind, ResendKind, RoomKind, SinceKind, Template, TextKind, TokenKind, UuidKind,
-    Violation, BAD_DATA, BAD_UTF8, BAD_UUIDS, MALFORMED_AUTH, NON_STRING_UUIDS, ROOM_LITERALS,
+    Violation, BAD_DATA, BAD_UUIDS, MALFORMED_AUTH, NON_STRING_UUIDS, ROOM_LITERALS,
 };
-use crate::json::Tree;
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
+use chatoy_testkit::fuzz::json::Tree;
+use chatoy_testkit::fuzz::{sorted_keys, BAD_UTF8};
 use chatoy_testkit::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
 use sha2::Digest;
 
@@ -158,7 +159,7 @@ fn msg_json(uuid: Option<&str>, room: Option<&str>, data: &str) -> String {
 }
 
 fn quote(text: &str) -> String {
-    crate::json::quote(text)
+    chatoy_testkit::fuzz::json::quote(text)
 }
 
 fn text_data(text: &str) -> String {
@@ -649,7 +650,7 @@ impl Live {
         let wrong = |event: &Event| Err(format!("expected {expect:?}, got {event:?}"));
         match (&expect, &event) {
             (Expect::Error, Event::Frame(ServerFrame::Error { code: 3, msg }, value))
-                if !msg.is_empty() && keys(value) == ["code", "msg", "type"] =>
+                if !msg.is_empty() && sorted_keys(value) == ["code", "msg", "type"] =>
             {
                 self.stats.answer("error".into());
             }
@@ -892,17 +893,6 @@ fn same_message(data: &chatoy_protocol::Message, stored: &Stored, user: u64) -> 
             })
         && data.sent.0 == stored.sent
         && !data.modified
-}
-
-fn keys(value: &Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = value
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, _)| k.as_str())
-        .collect();
-    keys.sort_unstable();
-    keys
 }
 
 fn describe(event: &Event) -> String {

@@ -9,11 +9,6 @@
 //! `CHATOY_FUZZ_CASES` sets the number of sequences (default [`DEFAULT_SEQUENCES`]). Failing
 //! sequences are kept in `fuzz/regressions/live.txt` and replayed first. See docs/fuzzing.md.
 
-// The parser fuzzer's JSON tree and mutations, shared.
-#[allow(dead_code)]
-#[path = "../../protocol/tests/fuzz_frames/json.rs"]
-mod json;
-
 mod actions;
 mod live;
 mod model;
@@ -25,17 +20,6 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 
 /// Sequences when `CHATOY_FUZZ_CASES` is unset: well under a minute in the dev profile.
 const DEFAULT_SEQUENCES: u32 = 60;
-
-fn sequences() -> u32 {
-    match std::env::var("CHATOY_FUZZ_CASES") {
-        Ok(n) => n
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .unwrap_or_else(|| panic!("CHATOY_FUZZ_CASES={n:?} is not a positive number")),
-        Err(_) => DEFAULT_SEQUENCES,
-    }
-}
 
 /// The corpus frames, the raw material of mutated steps.
 fn corpus() -> Vec<Vec<u8>> {
@@ -61,7 +45,7 @@ fn live_protocol_fuzz() {
         .build()
         .expect("tokio runtime");
     let live = runtime.block_on(live::Live::start(corpus()));
-    let cases = sequences();
+    let cases = chatoy_testkit::fuzz::cases(DEFAULT_SEQUENCES);
     let config = Config {
         cases,
         // Each case is a whole sequence on a live server: shrink, but not for ever.

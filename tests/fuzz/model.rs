@@ -3,6 +3,7 @@
 
 use chatoy_protocol::frame::FrameError;
 use chatoy_protocol::{ClientFrame, MessageContent, Since};
+use chatoy_testkit::fuzz::is_hyphenated_uuid;
 
 /// The largest frame the server reads (`--max-frame-size`, 64 KiB).
 pub(crate) const MAX_FRAME: usize = 64 * 1024;
@@ -201,16 +202,6 @@ impl Model {
             }),
         }
     }
-}
-
-/// Whether `text` is a 36-character hyphenated UUID (hex digits in any case).
-pub(crate) fn is_hyphenated_uuid(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    bytes.len() == 36
-        && bytes.iter().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => *b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
 }
 
 /// The answer to a close frame from the client (RFC 6455 section 5.5.1: the server echoes the

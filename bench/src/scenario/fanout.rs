@@ -4,14 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Common, FanoutArgs, MAX_SOCKETS, MAX_TOTAL_MESSAGES};
@@ -20,9 +19,9 @@ use crate::histogram::{Histogram, Summary};
 use crate::ids;
 use crate::procfs::{self, CpuMark, Proc};
 use crate::progress::{self, human_rate, Phase};
-use crate::report::{bytes, note_counts, refused_acks, Report};
+use crate::report::{acks_by_code, bytes, note_counts, refused_acks, Report};
 use crate::setup::Api;
-use crate::socket::{words_per_sender, Counters, Outcome, Role, SendPlan, Shared};
+use crate::socket::{words_per_sender, Outcome, ReceivedTotals, Role, SendPlan, Shared};
 
 /// The `fanout` results.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -218,20 +217,7 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let phase = Phase::default();
-    let shared = Arc::new(Shared {
-        epoch: Instant::now(),
-        run: rand::random(),
-        members: shape.members,
-        senders: shape.senders,
-        messages: args.messages,
-        track: true,
-        start: CancellationToken::new(),
-        stop: CancellationToken::new(),
-        counters: Counters::default(),
-        senders_left: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        sender_done: Notify::new(),
-    });
+    let shared = Arc::new(Shared::new(shape.members, shape.senders, args.messages, true));
     let progress_done = CancellationToken::new();
     progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
     let rss_before = common
@@ -324,37 +310,31 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
     result.stopped_by_duration = stopped_by_duration;
     result.rss_before = rss_before;
     result.rss_after = rss_after;
-    let mut report = Report {
-        tool: format!("chatoy-bench {}", env!("CARGO_PKG_VERSION")),
-        scenario: "fanout",
-        url: common.url.to_string(),
-        server_pid: common.pid,
-        prefix: api.prefix.clone(),
-        params: json!({
-            "rooms": shape.rooms,
-            "members": shape.members,
-            "senders": shape.senders,
-            "window": args.window,
-            "messages": args.messages,
-            "size": args.size,
-            "rate": args.rate,
-            "sockets_per_user": args.sockets_per_user,
-            "drain_secs": args.drain.as_secs_f64(),
-            "ack_timeout_secs": args.ack_timeout.as_secs_f64(),
-            "source_addrs": target.sources.len(),
-            "threads": common.threads,
-        }),
+    let params = json!({
+        "rooms": shape.rooms,
+        "members": shape.members,
+        "senders": shape.senders,
+        "window": args.window,
+        "messages": args.messages,
+        "size": args.size,
+        "rate": args.rate,
+        "sockets_per_user": args.sockets_per_user,
+        "drain_secs": args.drain.as_secs_f64(),
+        "ack_timeout_secs": args.ack_timeout.as_secs_f64(),
+        "source_addrs": target.sources.len(),
+        "threads": common.threads,
+    });
+    let mut report = Report::new(
+        "fanout",
+        common,
+        api.prefix.clone(),
+        params,
         setup_secs,
         connect,
-        cpu: cpu_start.usage_until(&cpu_end),
-        socket_ends: super::tally_ends(&outcomes),
+        cpu_start.usage_until(&cpu_end),
+        super::tally_ends(&outcomes),
         task_failures,
-        idle: None,
-        fanout: None,
-        churn: None,
-        problems: Vec::new(),
-    };
-    report.note_common_problems();
+    );
     note_problems(&result, &mut report.problems);
     report.fanout = Some(result);
     Ok(report)
@@ -391,9 +371,9 @@ fn account(shape: &Shape, args: &FanoutArgs, outcomes: &[Outcome], start_ns: u64
     let words = words_per_sender(args.messages) as usize;
     let mut result = FanoutResult::default();
     let mut ack = Histogram::default();
-    let mut delivery = Histogram::default();
+    let mut received_totals = ReceivedTotals::default();
     let mut codes = [0u64; 8];
-    let (mut last_ack_ns, mut last_recv_ns) = (start_ns, start_ns);
+    let mut last_ack_ns = start_ns;
     // ok[room][sender] = bitmap of code-0 acks (empty if the sender never reported).
     let mut ok: Vec<Vec<&[u64]>> = vec![vec![&[][..]; shape.senders as usize]; shape.rooms as usize];
     for outcome in outcomes {
@@ -416,15 +396,7 @@ fn account(shape: &Shape, args: &FanoutArgs, outcomes: &[Outcome], start_ns: u64
     result.unacked += (shape.rooms * shape.senders - reported) * args.messages;
     for outcome in outcomes {
         let received = &outcome.received;
-        result.recv_frames += received.frames;
-        result.duplicates += received.duplicates;
-        result.foreign += received.foreign;
-        result.echoed_to_sender += received.own;
-        result.out_of_sender_order += received.out_of_sender_order;
-        result.sent_regressions += received.sent_regressions;
-        result.malformed_or_other += received.malformed + received.other + received.stray_acks;
-        delivery.merge(&received.e2e);
-        last_recv_ns = last_recv_ns.max(received.last_ns);
+        received_totals.add(received);
         let senders = &ok[outcome.role.room_index as usize];
         for (sender, acked_ok) in senders.iter().enumerate() {
             if sender == outcome.role.member as usize {
@@ -457,26 +429,20 @@ fn account(shape: &Shape, args: &FanoutArgs, outcomes: &[Outcome], start_ns: u64
         result.expected += missing * room_ok;
         result.lost += missing * room_ok;
     }
-    result.acks_by_code = codes
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0)
-        .map(|(code, &n)| {
-            (
-                if code == 7 {
-                    "7+".to_owned()
-                } else {
-                    code.to_string()
-                },
-                n,
-            )
-        })
-        .collect();
+    result.recv_frames = received_totals.frames;
+    result.duplicates = received_totals.duplicates;
+    result.foreign = received_totals.foreign;
+    result.echoed_to_sender = received_totals.own;
+    result.out_of_sender_order = received_totals.out_of_sender_order;
+    result.sent_regressions = received_totals.sent_regressions;
+    result.malformed_or_other += received_totals.malformed_or_other;
+    let last_recv_ns = start_ns.max(received_totals.last_ns);
+    result.acks_by_code = acks_by_code(&codes);
     result.send_secs = (last_ack_ns - start_ns) as f64 / 1e9;
     result.delivery_secs = (last_recv_ns - start_ns) as f64 / 1e9;
     result.acked_per_sec = codes[0] as f64 / result.send_secs.max(1e-9);
     result.recv_per_sec = result.recv_frames as f64 / result.delivery_secs.max(1e-9);
     result.ack_latency = ack.summary();
-    result.delivery_latency = delivery.summary();
+    result.delivery_latency = received_totals.e2e.summary();
     result
 }

@@ -5,14 +5,13 @@
 //! RSS settles a third time (after close), which shows whether the server gives the memory back.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Common, IdleArgs};
@@ -21,7 +20,7 @@ use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, Phase};
 use crate::report::{bytes, Report};
 use crate::setup::Api;
-use crate::socket::{Counters, Role, Shared};
+use crate::socket::{Role, Shared};
 
 /// The `idle` results.
 #[derive(Debug, Clone, Serialize)]
@@ -99,38 +98,13 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         api.prefix, target.addr
     );
     let setup_started = Instant::now();
-    let accounts = tokio::time::timeout(common.setup_timeout, async {
-        let accounts = api.accounts(users).await?;
-        let owners: Vec<_> = accounts.iter().take(rooms as usize).collect();
-        let room_ids = api.create_rooms(&owners).await?;
-        let joins: Vec<_> = accounts
-            .iter()
-            .enumerate()
-            .skip(rooms as usize)
-            .filter_map(|(i, account)| Some((account, *room_ids.get(i.checked_rem(room_ids.len())?)?)))
-            .collect();
-        api.join_all(&joins).await?;
-        anyhow::Ok(accounts)
-    })
-    .await
-    .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
+    let (accounts, _) = tokio::time::timeout(common.setup_timeout, api.accounts_in_rooms(users, rooms))
+        .await
+        .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let phase = Phase::default();
-    let shared = Arc::new(Shared {
-        epoch: Instant::now(),
-        run: rand::random(),
-        members: 1,
-        senders: 0,
-        messages: 0,
-        track: false,
-        start: CancellationToken::new(),
-        stop: CancellationToken::new(),
-        counters: Counters::default(),
-        senders_left: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        sender_done: Notify::new(),
-    });
+    let shared = Arc::new(Shared::new(1, 0, 0, false));
     let progress_done = CancellationToken::new();
     progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
 
@@ -191,43 +165,38 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         .iter()
         .map(|o| o.received.frames + o.received.other + o.received.malformed)
         .sum();
-    let mut report = Report {
-        tool: format!("chatoy-bench {}", env!("CARGO_PKG_VERSION")),
-        scenario: "idle",
-        url: common.url.to_string(),
-        server_pid: Some(pid),
-        prefix: api.prefix.clone(),
-        params: json!({
-            "sockets": args.sockets,
-            "users": users,
-            "rooms": rooms,
-            "hold_secs": args.hold.as_secs_f64(),
-            "source_addrs": target.sources.len(),
-            "connect_concurrency": common.connect_concurrency,
-            "threads": common.threads,
-        }),
+    let params = json!({
+        "sockets": args.sockets,
+        "users": users,
+        "rooms": rooms,
+        "hold_secs": args.hold.as_secs_f64(),
+        "source_addrs": target.sources.len(),
+        "connect_concurrency": common.connect_concurrency,
+        "threads": common.threads,
+    });
+    let mut report = Report::new(
+        "idle",
+        common,
+        api.prefix.clone(),
+        params,
         setup_secs,
         connect,
-        cpu: cpu_start.usage_until(&cpu_end),
-        socket_ends: super::tally_ends(&outcomes),
+        cpu_start.usage_until(&cpu_end),
+        super::tally_ends(&outcomes),
         task_failures,
-        idle: Some(IdleResult {
-            sockets: open,
-            users,
-            rooms,
-            rss_before,
-            rss_after,
-            bytes_per_socket,
-            held_secs,
-            open_at_end,
-            rss_after_close,
-            unexpected_frames,
-        }),
-        fanout: None,
-        churn: None,
-        problems: Vec::new(),
-    };
-    report.note_common_problems();
+    );
+    report.idle = Some(IdleResult {
+        sockets: open,
+        users,
+        rooms,
+        rss_before,
+        rss_after,
+        bytes_per_socket,
+        held_secs,
+        open_at_end,
+        rss_after_close,
+        unexpected_frames,
+    });
     if open_at_end < open {
         report
             .problems

@@ -35,6 +35,44 @@ pub(crate) struct Received {
     last_sent: Vec<u8>,
 }
 
+/// What many sockets received, added up (see [`Received`]).
+#[derive(Debug, Default)]
+pub(crate) struct ReceivedTotals {
+    /// `recv` frames.
+    pub(crate) frames: u64,
+    /// Deliveries of a message already received.
+    pub(crate) duplicates: u64,
+    /// Deliveries of messages this run did not send to the socket's room.
+    pub(crate) foreign: u64,
+    /// Deliveries back to the sending socket.
+    pub(crate) own: u64,
+    /// Deliveries after a later message of the same sender.
+    pub(crate) out_of_sender_order: u64,
+    /// Deliveries whose `sent` was earlier than the previous delivery's.
+    pub(crate) sent_regressions: u64,
+    /// Unreadable frames, other frames after auth and stray acks.
+    pub(crate) malformed_or_other: u64,
+    /// End-to-end latency of first deliveries.
+    pub(crate) e2e: Histogram,
+    /// When the last `recv` arrived (ns since the epoch); 0 if none did.
+    pub(crate) last_ns: u64,
+}
+
+impl ReceivedTotals {
+    /// Adds one socket's.
+    pub(crate) fn add(&mut self, received: &Received) {
+        self.frames += received.frames;
+        self.duplicates += received.duplicates;
+        self.foreign += received.foreign;
+        self.own += received.own;
+        self.out_of_sender_order += received.out_of_sender_order;
+        self.sent_regressions += received.sent_regressions;
+        self.malformed_or_other += received.malformed + received.other + received.stray_acks;
+        self.e2e.merge(&received.e2e);
+        self.last_ns = self.last_ns.max(received.last_ns);
+    }
+}
+
 /// What one sender sent.
 #[derive(Debug, Default)]
 pub(crate) struct Sent {

@@ -8,7 +8,6 @@
 //! prints how many inputs it tried. Failures proptest finds are kept in `fuzz/regressions` and
 //! replayed first by every later run. See docs/fuzzing.md.
 
-mod json;
 mod oracle;
 
 use std::fs;
@@ -22,7 +21,8 @@ use chatoy_protocol::{Timestamp, MAX_ID};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 
-use crate::json::{ByteMutation, StringEdit, Tree, TreeMutation};
+use chatoy_testkit::fuzz::json::{StringEdit, Tree, TreeMutation};
+use chatoy_testkit::fuzz::{byte_mutation, cases, is_hyphenated_uuid, sorted_keys};
 
 /// Cases per property when `CHATOY_FUZZ_CASES` is unset: a few seconds in the dev profile.
 const DEFAULT_CASES: u32 = 3000;
@@ -37,17 +37,6 @@ macro_rules! regressions {
             ".txt"
         )
     };
-}
-
-fn cases() -> u32 {
-    match std::env::var("CHATOY_FUZZ_CASES") {
-        Ok(n) => n
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .unwrap_or_else(|| panic!("CHATOY_FUZZ_CASES={n:?} is not a positive number")),
-        Err(_) => DEFAULT_CASES,
-    }
 }
 
 /// How many inputs a property tried, by the answer they got.
@@ -77,7 +66,7 @@ fn fuzz<S: Strategy>(
     strategy: S,
     test: impl Fn(&Inputs, S::Value) -> Result<(), TestCaseError>,
 ) {
-    let cases = cases();
+    let cases = cases(DEFAULT_CASES);
     let persistence = Some(FileFailurePersistence::Direct(regressions));
     let config = Config {
         cases,
@@ -417,17 +406,6 @@ fn tree_mutation() -> impl Strategy<Value = TreeMutation> {
     ]
 }
 
-fn byte_mutation() -> impl Strategy<Value = ByteMutation> {
-    prop_oneof![
-        any::<usize>().prop_map(ByteMutation::Truncate),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| ByteMutation::FlipBit(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| ByteMutation::Insert(i, b)),
-        (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Delete(i, n)),
-        (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(i, o, f)| ByteMutation::Splice(i, o, f)),
-        (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Repeat(i, n)),
-    ]
-}
-
 /// JSON-ish fragments whose concatenations are often almost frames.
 const TOKENS: &[&str] = &[
     "{",
@@ -695,13 +673,7 @@ fn server_frames_round_trip() {
             prop_assert_eq!(&back, &frame);
             let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(fail)?;
             let ty = value["type"].as_str().unwrap_or_default();
-            let mut keys: Vec<&str> = value
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, _)| k.as_str())
-                .collect();
-            keys.sort_unstable();
+            let keys = sorted_keys(&value);
             prop_assert_eq!(keys.as_slice(), server_keys(ty), "keys of {}", value);
             let sent = match ty {
                 "send" => Some(&value["sent"]),
@@ -731,12 +703,7 @@ fn validation_rules() {
         |inputs, (uuid, text, id)| {
             inputs.count(3);
             let parsed = validate::message_uuid(&uuid);
-            prop_assert_eq!(
-                parsed.is_ok(),
-                oracle::is_hyphenated_uuid(&uuid),
-                "uuid {:?}",
-                uuid
-            );
+            prop_assert_eq!(parsed.is_ok(), is_hyphenated_uuid(&uuid), "uuid {:?}", uuid);
             if let Ok(parsed) = parsed {
                 prop_assert_eq!(parsed.hyphenated().to_string(), uuid.to_lowercase());
             }

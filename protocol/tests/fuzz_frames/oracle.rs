@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use chatoy_protocol::frame::FrameError;
 use chatoy_protocol::{ClientFrame, MessageContent, Since, Timestamp, MAX_ID};
 
-use crate::json::Tree;
+use chatoy_testkit::fuzz::json::Tree;
 
 /// The answer class of a client frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,14 +154,4 @@ fn timestamp(text: &str) -> Option<Timestamp> {
         at.timestamp_nanos_opt()
             .unwrap_or(if at.timestamp() > 0 { i64::MAX } else { i64::MIN }),
     ))
-}
-
-/// Whether `text` is a 36-character hyphenated UUID (hex digits in any case).
-pub(crate) fn is_hyphenated_uuid(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    bytes.len() == 36
-        && bytes.iter().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => *b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
 }

@@ -237,11 +237,10 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let head = self.head(room).await?.unwrap_or(i64::MAX);
         let mut messages = Vec::new();
-        if limit == 0 || head <= after {
+        let Some(head) = self.head_past(room, after, limit).await? else {
             return Ok(messages);
-        }
+        };
         let mut buckets = BucketWalk::at_most(self, room, self.bucket(head));
         let floor = self.bucket(after);
         while messages.len() < limit {
@@ -251,16 +250,9 @@ impl CqlStore {
             if bucket < floor {
                 break;
             }
-            let want = cql_limit(limit - messages.len());
-            let rows: Vec<MessageRow> = read_all(
-                &self.session,
-                &self.statements.messages_between,
-                (room as i64, bucket, after, head, want),
-            )
-            .await?;
-            for row in rows {
-                messages.push(message_from_row(room, row)?);
-            }
+            let statement = &self.statements.messages_between;
+            self.read_between(&mut messages, statement, room, bucket, (after, head), limit)
+                .await?;
         }
         messages.truncate(limit);
         messages.reverse();
@@ -354,27 +346,47 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let head = self.head(room).await?.unwrap_or(i64::MAX);
         let mut messages = Vec::new();
-        if limit == 0 || head <= after {
+        let Some(head) = self.head_past(room, after, limit).await? else {
             return Ok(messages);
-        }
+        };
         let mut buckets = BucketWalk::between(self, room, self.bucket(after), self.bucket(head));
         while messages.len() < limit {
             let Some(bucket) = buckets.next().await? else {
                 break;
             };
-            let want = cql_limit(limit - messages.len());
-            let rows: Vec<MessageRow> = read_all(
-                &self.session,
-                &self.statements.messages_after_ascending,
-                (room as i64, bucket, after, head, want),
-            )
-            .await?;
-            for row in rows {
-                messages.push(message_from_row(room, row)?);
-            }
+            let statement = &self.statements.messages_after_ascending;
+            self.read_between(&mut messages, statement, room, bucket, (after, head), limit)
+                .await?;
         }
         Ok(messages)
+    }
+
+    /// The room's head (`i64::MAX` while it has none), if up to `limit` messages with
+    /// `sent > after` are to be read: `limit` is not 0 and the head is past `after`.
+    async fn head_past(&self, room: u64, after: i64, limit: usize) -> CqlResult<Option<i64>> {
+        let head = self.head(room).await?.unwrap_or(i64::MAX);
+        Ok((limit > 0 && head > after).then_some(head))
+    }
+
+    /// Appends to `messages` the rows of one bucket with `after < sent <= head` that
+    /// `statement` (bound to room, bucket, after, head and a row limit) reads, up to `limit`
+    /// messages in all.
+    async fn read_between(
+        &self,
+        messages: &mut Vec<StoredMessage>,
+        statement: &PreparedStatement,
+        room: u64,
+        bucket: i64,
+        (after, head): (i64, i64),
+        limit: usize,
+    ) -> CqlResult<()> {
+        let want = cql_limit(limit - messages.len());
+        let rows: Vec<MessageRow> =
+            read_all(&self.session, statement, (room as i64, bucket, after, head, want)).await?;
+        for row in rows {
+            messages.push(message_from_row(room, row)?);
+        }
+        Ok(())
     }
 }

@@ -140,16 +140,7 @@ pub(super) async fn history(
     before: Timestamp,
     limit: usize,
 ) -> StoreResult<Vec<StoredMessage>> {
-    store
-        .read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent < ?2
-                 ORDER BY sent DESC LIMIT ?3"
-            ))?;
-            let rows = stmt.query_map(params![room as i64, before.0, limit as i64], message_from_row)?;
-            rows.collect()
-        })
-        .await
+    select(store, "sent < ?2 ORDER BY sent DESC", room, before, limit).await
 }
 
 pub(super) async fn since(
@@ -158,18 +149,9 @@ pub(super) async fn since(
     after: Timestamp,
     limit: usize,
 ) -> StoreResult<Vec<StoredMessage>> {
-    store
-        .read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent > ?2
-                 ORDER BY sent DESC LIMIT ?3"
-            ))?;
-            let rows = stmt.query_map(params![room as i64, after.0, limit as i64], message_from_row)?;
-            let mut messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-            messages.reverse();
-            Ok(messages)
-        })
-        .await
+    let mut messages = select(store, "sent > ?2 ORDER BY sent DESC", room, after, limit).await?;
+    messages.reverse();
+    Ok(messages)
 }
 
 pub(super) async fn replay_start(
@@ -199,13 +181,24 @@ pub(super) async fn page_after(
     after: Timestamp,
     limit: usize,
 ) -> StoreResult<Vec<StoredMessage>> {
+    select(store, "sent > ?2 ORDER BY sent", room, after, limit).await
+}
+
+/// Up to `limit` messages of `room` that `clause` selects and orders (`?2` is `at`), in its
+/// order.
+async fn select(
+    store: &SqliteStore,
+    clause: &'static str,
+    room: u64,
+    at: Timestamp,
+    limit: usize,
+) -> StoreResult<Vec<StoredMessage>> {
     store
         .read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND sent > ?2
-                 ORDER BY sent LIMIT ?3"
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND {clause} LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(params![room as i64, after.0, limit as i64], message_from_row)?;
+            let rows = stmt.query_map(params![room as i64, at.0, limit as i64], message_from_row)?;
             rows.collect()
         })
         .await

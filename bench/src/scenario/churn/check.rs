@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::cli::ChurnArgs;
 use crate::histogram::Histogram;
-use crate::socket::Outcome;
+use crate::report::acks_by_code;
+use crate::socket::{Outcome, ReceivedTotals};
 
 use super::result::ChurnMessages;
 
@@ -74,13 +75,7 @@ fn check(ok: &[u64], got: &[u64], first: u64) -> Check {
 pub(super) struct Tally {
     /// Sockets by end reason.
     pub(super) ends: BTreeMap<String, u64>,
-    recv_frames: u64,
-    duplicates: u64,
-    foreign: u64,
-    own: u64,
-    out_of_sender_order: u64,
-    malformed_or_other: u64,
-    delivery: Histogram,
+    received: ReceivedTotals,
 }
 
 impl Tally {
@@ -89,14 +84,7 @@ impl Tally {
             .ends
             .entry(crate::scenario::end_key(outcome.end))
             .or_insert(0) += 1;
-        let received = &outcome.received;
-        self.recv_frames += received.frames;
-        self.duplicates += received.duplicates;
-        self.foreign += received.foreign;
-        self.own += received.own;
-        self.out_of_sender_order += received.out_of_sender_order;
-        self.malformed_or_other += received.malformed + received.other + received.stray_acks;
-        self.delivery.merge(&received.e2e);
+        self.received.add(&outcome.received);
     }
 }
 
@@ -135,21 +123,7 @@ pub(super) fn account_messages(
     }
     // Senders whose socket never opened sent nothing.
     m.unacked += (rooms - senders.len() as u64) * per_room;
-    m.acks_by_code = codes
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0)
-        .map(|(code, &n)| {
-            (
-                if code == 7 {
-                    "7+".to_owned()
-                } else {
-                    code.to_string()
-                },
-                n,
-            )
-        })
-        .collect();
+    m.acks_by_code = acks_by_code(&codes);
     m.ack_latency = ack.summary();
     for (room, auth_ns, got) in survivors {
         let first = first_owed_seq(start_ns, args.msg_rate, *auth_ns);
@@ -161,14 +135,15 @@ pub(super) fn account_messages(
         m.unchecked += c.unchecked;
         m.unexpected += c.unexpected;
     }
-    m.recv_frames = tally.recv_frames;
-    m.recv_per_sec = tally.recv_frames as f64 / churn_secs.max(1e-9);
-    m.delivery_latency = tally.delivery.summary();
-    m.duplicates = tally.duplicates;
-    m.foreign = tally.foreign;
-    m.echoed_to_sender = tally.own;
-    m.out_of_sender_order = tally.out_of_sender_order;
-    m.malformed_or_other += tally.malformed_or_other;
+    let received = &tally.received;
+    m.recv_frames = received.frames;
+    m.recv_per_sec = received.frames as f64 / churn_secs.max(1e-9);
+    m.delivery_latency = received.e2e.summary();
+    m.duplicates = received.duplicates;
+    m.foreign = received.foreign;
+    m.echoed_to_sender = received.own;
+    m.out_of_sender_order = received.out_of_sender_order;
+    m.malformed_or_other += received.malformed_or_other;
     m
 }
 

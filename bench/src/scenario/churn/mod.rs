@@ -13,13 +13,12 @@ mod picker;
 mod population;
 mod result;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use self::result::ChurnResult;
@@ -35,7 +34,7 @@ use crate::progress::{self, Phase};
 use crate::report::Report;
 use crate::scenario::ConnectStats;
 use crate::setup::Api;
-use crate::socket::{words_per_sender, Counters, Role, SendPlan, Shared};
+use crate::socket::{words_per_sender, Role, SendPlan, Shared};
 
 /// Unacknowledged messages a room's sender keeps in flight at most.
 const WINDOW: u32 = 64;
@@ -204,42 +203,19 @@ impl Sizes {
 /// each; every other user joins room `user % rooms`. Returns the users' tokens and the rooms' ids.
 async fn set_up(common: &Common, api: &Api, sizes: Sizes) -> Result<(Vec<Arc<str>>, Vec<u64>)> {
     let Sizes { users, rooms, .. } = sizes;
-    tokio::time::timeout(common.setup_timeout, async {
-        let accounts = api.accounts(users).await?;
-        let owners: Vec<_> = accounts.iter().take(rooms as usize).collect();
-        let room_ids = api.create_rooms(&owners).await?;
-        let joins: Vec<_> = accounts
-            .iter()
-            .enumerate()
-            .skip(rooms as usize)
-            .filter_map(|(i, account)| Some((account, *room_ids.get(i.checked_rem(room_ids.len())?)?)))
-            .collect();
-        api.join_all(&joins).await?;
-        let tokens: Vec<Arc<str>> = accounts.into_iter().map(|a| Arc::from(a.token)).collect();
-        anyhow::Ok((tokens, room_ids))
-    })
-    .await
-    .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))?
+    let (accounts, room_ids) =
+        tokio::time::timeout(common.setup_timeout, api.accounts_in_rooms(users, rooms))
+            .await
+            .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
+    let tokens: Vec<Arc<str>> = accounts.into_iter().map(|a| Arc::from(a.token)).collect();
+    Ok((tokens, room_ids))
 }
 
 /// What every socket task shares. One sender per room with socket index = room index, so
 /// `members = senders = 1` makes the receivers attribute every delivery to its room and track
 /// it in a bitmap of `per_room` bits.
 fn shared(sizes: Sizes) -> Shared {
-    Shared {
-        epoch: Instant::now(),
-        run: rand::random(),
-        members: 1,
-        senders: u64::from(sizes.rooms > 0),
-        messages: sizes.per_room,
-        track: sizes.rooms > 0,
-        start: CancellationToken::new(),
-        stop: CancellationToken::new(),
-        counters: Counters::default(),
-        senders_left: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        sender_done: Notify::new(),
-    }
+    Shared::new(1, u64::from(sizes.rooms > 0), sizes.per_room, sizes.rooms > 0)
 }
 
 /// What the run's phases share once the accounts and rooms exist.
@@ -359,25 +335,17 @@ fn report(
     population: &mut Population,
     result: ChurnResult,
 ) -> Report {
-    let common = plan.common;
-    let mut report = Report {
-        tool: format!("chatoy-bench {}", env!("CARGO_PKG_VERSION")),
-        scenario: "churn",
-        url: common.url.to_string(),
-        server_pid: common.pid,
+    let mut report = Report::new(
+        "churn",
+        plan.common,
         prefix,
-        params: params(plan),
+        params(plan),
         setup_secs,
         connect,
         cpu,
-        socket_ends: population.tally.ends.clone(),
-        task_failures: std::mem::take(&mut population.task_failures),
-        idle: None,
-        fanout: None,
-        churn: None,
-        problems: Vec::new(),
-    };
-    report.note_common_problems();
+        population.tally.ends.clone(),
+        std::mem::take(&mut population.task_failures),
+    );
     note_problems(&result, &mut report.problems);
     report.churn = Some(result);
     report

@@ -8,7 +8,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 /// A JSON document as written: object keys in order and possibly repeated; `Raw` is written
 /// verbatim, so a tree can also hold what is not JSON at all (huge numbers, bad escapes).
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Tree {
+pub enum Tree {
     Null,
     Bool(bool),
     Num(serde_json::Number),
@@ -21,7 +21,7 @@ pub(crate) enum Tree {
 
 impl Tree {
     /// The value of the last `key` of an object (what `serde_json::Value` keeps).
-    pub(crate) fn last(&self, key: &str) -> Option<&Tree> {
+    pub fn last(&self, key: &str) -> Option<&Tree> {
         match self {
             Tree::Obj(pairs) => pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
@@ -29,7 +29,7 @@ impl Tree {
     }
 
     /// How many times `key` occurs in an object.
-    pub(crate) fn count(&self, key: &str) -> usize {
+    pub fn count(&self, key: &str) -> usize {
         match self {
             Tree::Obj(pairs) => pairs.iter().filter(|(k, _)| k == key).count(),
             _ => 0,
@@ -37,12 +37,12 @@ impl Tree {
     }
 
     /// The value of `key` if it occurs exactly once.
-    pub(crate) fn unique(&self, key: &str) -> Option<&Tree> {
+    pub fn unique(&self, key: &str) -> Option<&Tree> {
         (self.count(key) == 1).then(|| self.last(key)).flatten()
     }
 
     /// The string, if this is one.
-    pub(crate) fn as_str(&self) -> Option<&str> {
+    pub fn as_str(&self) -> Option<&str> {
         match self {
             Tree::Str(s) => Some(s),
             _ => None,
@@ -50,14 +50,14 @@ impl Tree {
     }
 
     /// Compact JSON text.
-    pub(crate) fn compact(&self) -> String {
+    pub fn compact(&self) -> String {
         let mut out = String::new();
         self.write(&mut out, None, 0);
         out
     }
 
     /// Pretty JSON text, indented by `indent` spaces per level.
-    pub(crate) fn pretty(&self, indent: usize) -> String {
+    pub fn pretty(&self, indent: usize) -> String {
         let mut out = String::new();
         self.write(&mut out, Some(indent), 0);
         out
@@ -183,7 +183,7 @@ impl Tree {
     }
 
     /// Applies one structured mutation; a mutation with nothing to act on does nothing.
-    pub(crate) fn mutate(&mut self, mutation: &TreeMutation) {
+    pub fn mutate(&mut self, mutation: &TreeMutation) {
         match mutation {
             TreeMutation::DeleteField(at, field) => {
                 if let Some(pairs) = self.pick_object(*at) {
@@ -254,14 +254,14 @@ impl Tree {
 }
 
 /// A string as a JSON string literal.
-pub(crate) fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// One structured change to a JSON tree. Indexes select among the candidates modulo their
 /// number, so every generated mutation applies to every tree.
 #[derive(Debug, Clone)]
-pub(crate) enum TreeMutation {
+pub enum TreeMutation {
     /// Removes a field of an object.
     DeleteField(usize, usize),
     /// Repeats a field right after itself, with its value or another one.
@@ -282,7 +282,7 @@ pub(crate) enum TreeMutation {
 
 /// An edit of a string: case, unicode edge cases, truncation, growth.
 #[derive(Debug, Clone)]
-pub(crate) enum StringEdit {
+pub enum StringEdit {
     Upper,
     Lower,
     Empty,
@@ -296,7 +296,7 @@ pub(crate) enum StringEdit {
 
 impl StringEdit {
     /// The edited string.
-    pub(crate) fn apply(&self, s: &str) -> String {
+    pub fn apply(&self, s: &str) -> String {
         match self {
             StringEdit::Upper => s.to_uppercase(),
             StringEdit::Lower => s.to_lowercase(),
@@ -319,7 +319,7 @@ impl StringEdit {
 
 /// A change to the bytes of a frame, after any structured mutation.
 #[derive(Debug, Clone)]
-pub(crate) enum ByteMutation {
+pub enum ByteMutation {
     /// Keeps the first bytes only.
     Truncate(usize),
     /// Flips one bit of one byte.
@@ -336,7 +336,7 @@ pub(crate) enum ByteMutation {
 
 impl ByteMutation {
     /// Applies the mutation; `others` are the frames a splice may take from.
-    pub(crate) fn apply(&self, bytes: &mut Vec<u8>, others: &[Vec<u8>]) {
+    pub fn apply(&self, bytes: &mut Vec<u8>, others: &[Vec<u8>]) {
         let len = bytes.len();
         let at = |i: usize| if len == 0 { 0 } else { i % (len + 1) };
         match self {
