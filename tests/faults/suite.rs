@@ -420,7 +420,7 @@ async fn cluster_events(cluster: &Cluster) -> String {
     let routers = Api::new(routers[0].clone(), routers);
     let event = |name: &str| format!("chatoy_router_events_total{{event=\"{name}\"}}");
     format!(
-        "{} / {} / {} / {}",
+        "{} / {} / {} / {} / {}",
         gateways
             .metric("chatoy_nats_reconnects_total")
             .await
@@ -428,6 +428,10 @@ async fn cluster_events(cluster: &Cluster) -> String {
         routers.metric(&event("claim")).await.unwrap_or(0.0),
         routers.metric(&event("deposed")).await.unwrap_or(0.0),
         routers.metric(&event("store_error")).await.unwrap_or(0.0),
+        routers
+            .metric("chatoy_router_messages_total{outcome=\"unavailable\"}")
+            .await
+            .unwrap_or(0.0),
     )
 }
 
@@ -438,7 +442,7 @@ fn table(rows: &[Row]) -> String {
     );
     let mut rule = String::from("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     if events {
-        out.push_str(" gateway NATS reconnects / claims / deposed / store errors |");
+        out.push_str(" gateway NATS reconnects / claims / deposed / store errors / router code 5 |");
         rule.push_str("---|");
     }
     out.push('\n');
