@@ -120,17 +120,24 @@ class Cluster:
 
     def down(self):
         """Stops what `up` started, last first; pods go with the node (their namespace)."""
+        clean = True
         if "node" in self.started:
-            try:
-                # The gateways and routers stop as on any cluster: SIGTERM, drain, exit.
-                kubectl("delete", "namespace", "chatoy", "--ignore-not-found", "--timeout", "90s", check=False)
-            except subprocess.TimeoutExpired:
-                pass
+            # An aggregated API that does not answer would hold up the namespace's deletion.
+            kubectl("delete", "apiservice", "v1beta1.metrics.k8s.io", "--ignore-not-found", check=False, capture=True)
+            # The gateways and routers stop as on any cluster: SIGTERM, drain, exit.
+            deleted = kubectl("delete", "namespace", "chatoy", "--ignore-not-found", "--timeout", "120s",
+                              check=False, capture=True)
+            if deleted.returncode != 0:
+                clean = False
+                log(f"the namespace chatoy was not deleted within 120 s: {deleted.stderr.strip()}")
+                kubectl("get", "namespace", "chatoy", "-o", "jsonpath={.status}", check=False)
+                kubectl("get", "all,pvc,endpointslices", "-n", "chatoy", "-o", "wide", check=False)
             run(REPO / "scripts/k8s-node", "stop", RUN, check=False)
         if "control-plane" in self.started:
             run(REPO / "scripts/k8s-control-plane", "stop", RUN, check=False)
         if "cassandra" in self.started:
             run(REPO / "deploy/local/cassandra", "stop", env={"CHATOY_RUN_DIR": str(RUN)}, check=False)
+        return clean
 
 
 def pod_ready(namespace, selector, count):
@@ -205,7 +212,8 @@ def service_url():
 
 
 # The end-to-end tests that need a server of their own: other settings than the deployment's
-# (CHATOY_E2E_EXTERNAL_FLAGS), its processes (stop, restart, pid, output) or its metrics alone.
+# (CHATOY_E2E_EXTERNAL_FLAGS), its processes (stop, restart, pid, output), its metrics alone,
+# or an empty store.
 # They run in the cluster mode of scripts/test; here the harness fails them loudly, so a new
 # test of that kind must be named here.
 E2E_OWN_SERVER = {
@@ -242,6 +250,8 @@ E2E_OWN_SERVER = {
         "restart::sigterm_drains_and_data_survives_restart",
     ],
     "metrics": ["http_api::health_ready_and_metrics"],
+    # The protocol's seed frames name user 1 and room 1: a fresh server's.
+    "fresh": ["websocket::seed_examples_verbatim"],
 }
 # What every gateway of deploy/k8s/overlays/local runs with, as the harness's flags.
 E2E_EXTERNAL_FLAGS = (
@@ -290,8 +300,23 @@ def run_load_checks(url):
     })
 
 
+def hold():
+    """Keeps the cluster up for CHATOY_K8S_HOLD seconds (or until interrupted), to look at it."""
+    seconds = int(os.environ.get("CHATOY_K8S_HOLD", "0"))
+    if not seconds:
+        return
+    log(f"holding the cluster for {seconds} s (CHATOY_K8S_HOLD; Ctrl-C ends it): from another shell, "
+        f"nsenter --net=/proc/$(pgrep -f 'kubelet --config {RUN}')/ns/net {KUBECTL} --kubeconfig {RUN / 'kubeconfig'} ...")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
+
+
 def main():
     become_init()
+    # SIGTERM ends the run like Ctrl-C: through the teardown.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     private_mounts()
     cluster = Cluster()
     try:
@@ -310,8 +335,10 @@ def main():
         check_hpa()
         run_load_checks(url)
     finally:
+        hold()
         log("teardown")
-        cluster.down()
+        if not cluster.down():
+            raise SystemExit("k8s-e2e: the teardown was not clean (above)")
     log("done")
 
 

@@ -5,6 +5,9 @@
 //!
 //! The HA pass (issue 13, `ha.rs`): the same load and checker on three NATS servers and three
 //! CQL nodes of its own, losing one (or one of each) at a time.
+//!
+//! On Kubernetes (issue 15, `k8s.rs`, run by scripts/k8s-e2e): the same load and checker through
+//! a cluster's gateway Service while `kubectl` scales and restarts gateways and routers.
 
 // The end-to-end fixtures; the suite uses only part of them.
 #[allow(dead_code)]
@@ -16,5 +19,6 @@ mod minicluster;
 
 mod client;
 mod ha;
+mod k8s;
 mod proxy;
 mod suite;

@@ -66,6 +66,10 @@ pub(crate) enum Fault {
     RollingCql,
     RollingNats,
     NatsAndCql,
+    // The Kubernetes cluster's (`k8s.rs`).
+    ScaleGateways,
+    RolloutGateways,
+    RolloutRouters,
 }
 
 const FAULTS: [Fault; 7] = [
@@ -94,10 +98,13 @@ impl Fault {
             Fault::RollingCql => "rolling-cql",
             Fault::RollingNats => "rolling-nats",
             Fault::NatsAndCql => "nats-and-cql",
+            Fault::ScaleGateways => "k8s-scale-gateways",
+            Fault::RolloutGateways => "k8s-rollout-gateways",
+            Fault::RolloutRouters => "k8s-rollout-routers",
         }
     }
 
-    fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Fault::KillGateway => "SIGKILL gateway 1 (restarted 3 s later)",
             Fault::KillRouter => "SIGKILL router 1 (restarted 3 s later)",
@@ -115,6 +122,9 @@ impl Fault {
             Fault::NatsAndCql => {
                 "SIGKILL the work stream's NATS leader and CQL node 2 at once, restart both 3 s later"
             }
+            Fault::ScaleGateways => "kubectl scale deployment chatoy-gateway 3 → 1 → 3",
+            Fault::RolloutGateways => "kubectl rollout restart deployment chatoy-gateway",
+            Fault::RolloutRouters => "kubectl rollout restart deployment chatoy-router",
         }
     }
 }
@@ -175,21 +185,28 @@ pub(crate) async fn run_faults(
     wanted: Option<&HashSet<String>>,
     backend: &Backend,
 ) -> Vec<Row> {
-    let load_secs: u64 = std::env::var("CHATOY_FAULT_LOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let load = load_duration();
     let mut rows = Vec::new();
     for &fault in faults {
         if wanted.is_some_and(|w| !w.contains(fault.name())) {
             continue;
         }
         eprintln!("== {}: {}", fault.name(), fault.describe());
-        let row = run_fault(fault, backend, Duration::from_secs(load_secs)).await;
+        let row = run_fault(fault, backend, load).await;
         eprintln!("{}", table(std::slice::from_ref(&row)));
         rows.push(row);
     }
     rows
+}
+
+/// How long the load runs before a fault and again after it healed (`CHATOY_FAULT_LOAD_SECS`,
+/// default 4).
+pub(crate) fn load_duration() -> Duration {
+    let secs = std::env::var("CHATOY_FAULT_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    Duration::from_secs(secs)
 }
 
 /// Prints the table, writes it to `target/tmp/<file>`, and fails if a row lost, duplicated or
@@ -229,98 +246,20 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
         Backend::Ha(ha) => (Spec::new(1, GATEWAYS, &flags).services(ha.services()), None),
     };
     let mut cluster = Cluster::start(spec).await;
-    let api = cluster.api();
-    let host = api.new_user("host").await;
-    let mut rooms = Vec::new();
-    for r in 0..ROOMS {
-        rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
-    }
-    let start = chatoy_protocol::Timestamp::now().0;
     let balanced = format!("ws://{}/ws", cluster.lb_addr());
-    let mut specs = Vec::new();
-    for i in 0..SENDERS {
-        let user = api.new_user(&format!("sender{i}")).await;
-        let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
-        for room in &mine {
-            api.join(&user.token, *room).await;
-        }
-        specs.push(MemberSpec {
-            label: format!("sender {i}"),
-            token: user.token,
-            rooms: mine,
-            first_url: cluster.ws_url(i % GATEWAYS + 1),
-            url: balanced.clone(),
-            rate: RATE,
-            window: WINDOW,
-            start,
-        });
-    }
-    for g in 1..=GATEWAYS {
-        let user = api.new_user(&format!("listener{g}")).await;
-        for room in &rooms {
-            api.join(&user.token, *room).await;
-        }
-        specs.push(MemberSpec {
-            label: format!("listener {g}"),
-            token: user.token,
-            rooms: rooms.clone(),
-            first_url: cluster.ws_url(g),
-            url: balanced.clone(),
-            rate: 0.0,
-            window: 0,
-            start,
-        });
-    }
-    let control = Arc::new(Control::default());
-    let members: Vec<Member> = specs
-        .into_iter()
-        .map(|spec| Member {
-            spec,
-            seen: Arc::new(Mutex::new(Seen::default())),
-        })
-        .collect();
-    let tasks: Vec<_> = members
-        .iter()
-        .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
-        .collect();
-    // Every member connected before the load starts.
-    wait_until(Duration::from_secs(30), "every member to connect", || {
-        members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
-    })
-    .await;
-
-    control.sending.store(true, Ordering::SeqCst);
-    let load_began = Instant::now();
-    wait_until(Duration::from_secs(30), "the first acknowledgements", || {
-        !acked_by_room(&members).is_empty()
-    })
-    .await;
+    let load_run = Load::start(cluster.api(), &balanced, |gateway| cluster.ws_url(gateway)).await;
     cluster.add_router().await;
-    tokio::time::sleep(load.saturating_sub(load_began.elapsed())).await;
+    tokio::time::sleep(load.saturating_sub(load_run.elapsed())).await;
     let healed = inject(fault, &mut cluster, proxy.as_ref(), backend).await;
     // Everything acknowledged when the fault healed: how long until every member has it
     // (while the cluster is made whole again).
-    let snapshot = acked_by_room(&members);
+    let snapshot = load_run.acked();
     let (catch_up, ()) = tokio::join!(
-        caught_up_after(&members, &snapshot, healed),
+        load_run.caught_up_after(&snapshot, healed),
         make_whole(fault, &mut cluster, backend)
     );
     tokio::time::sleep(load).await;
-    control.sending.store(false, Ordering::SeqCst);
-    let load_secs = load_began.elapsed().as_secs_f64();
-    wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
-        members
-            .iter()
-            .all(|m| m.seen.lock().expect("seen").unanswered == 0)
-    })
-    .await;
-    let all = acked_by_room(&members);
-    let _ = caught_up_after(&members, &all, Instant::now()).await;
-    control.stop.store(true, Ordering::SeqCst);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    }
-    let mut row = check(fault, &api, &host.token, &rooms, &members, load_secs, catch_up).await;
+    let mut row = load_run.finish(fault, catch_up).await;
     if matches!(backend, Backend::Ha(_)) {
         row.events = Some(cluster_events(&cluster).await);
     }
@@ -340,6 +279,149 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
         eprintln!("{} failed; process logs in {}", fault.name(), path.display());
     }
     row
+}
+
+/// The suite's load on a running deployment: [`SENDERS`] senders across [`ROOMS`] rooms and one
+/// listener per gateway, registered through `api`, each a real client ([`client::run`]) that
+/// reconnects through the load balancer. Shared by the fault suite, the HA pass and the
+/// Kubernetes checks (`k8s.rs`).
+pub(crate) struct Load {
+    api: Api,
+    host_token: String,
+    rooms: Vec<u64>,
+    members: Vec<Member>,
+    control: Arc<Control>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    began: Instant,
+}
+
+impl Load {
+    /// Registers the members, connects each (first to `first_url(gateway)`, spreading them over
+    /// [`GATEWAYS`] gateways; after any close to `balanced`), starts sending once all are
+    /// connected and returns at the first acknowledgements.
+    pub(crate) async fn start(api: Api, balanced: &str, first_url: impl Fn(usize) -> String) -> Load {
+        let host = api.new_user("host").await;
+        let mut rooms = Vec::new();
+        for r in 0..ROOMS {
+            rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
+        }
+        let start = chatoy_protocol::Timestamp::now().0;
+        let mut specs = Vec::new();
+        for i in 0..SENDERS {
+            let user = api.new_user(&format!("sender{i}")).await;
+            let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
+            for room in &mine {
+                api.join(&user.token, *room).await;
+            }
+            specs.push(MemberSpec {
+                label: format!("sender {i}"),
+                token: user.token,
+                rooms: mine,
+                first_url: first_url(i % GATEWAYS + 1),
+                url: balanced.to_owned(),
+                rate: RATE,
+                window: WINDOW,
+                start,
+            });
+        }
+        for g in 1..=GATEWAYS {
+            let user = api.new_user(&format!("listener{g}")).await;
+            for room in &rooms {
+                api.join(&user.token, *room).await;
+            }
+            specs.push(MemberSpec {
+                label: format!("listener {g}"),
+                token: user.token,
+                rooms: rooms.clone(),
+                first_url: first_url(g),
+                url: balanced.to_owned(),
+                rate: 0.0,
+                window: 0,
+                start,
+            });
+        }
+        let control = Arc::new(Control::default());
+        let members: Vec<Member> = specs
+            .into_iter()
+            .map(|spec| Member {
+                spec,
+                seen: Arc::new(Mutex::new(Seen::default())),
+            })
+            .collect();
+        let tasks = members
+            .iter()
+            .map(|m| tokio::spawn(client::run(m.spec.clone(), m.seen.clone(), control.clone())))
+            .collect();
+        // Every member connected before the load starts.
+        wait_until(Duration::from_secs(30), "every member to connect", || {
+            members.iter().all(|m| m.seen.lock().expect("seen").connects > 0)
+        })
+        .await;
+        control.sending.store(true, Ordering::SeqCst);
+        let began = Instant::now();
+        wait_until(Duration::from_secs(30), "the first acknowledgements", || {
+            !acked_by_room(&members).is_empty()
+        })
+        .await;
+        Load {
+            api,
+            host_token: host.token,
+            rooms,
+            members,
+            control,
+            tasks,
+            began,
+        }
+    }
+
+    /// How long the members have been sending.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// Every message acknowledged so far, by room: uuid → sent.
+    pub(crate) fn acked(&self) -> HashMap<u64, HashMap<String, i64>> {
+        acked_by_room(&self.members)
+    }
+
+    /// How long after `from` every member had every message of `want` (see [`caught_up_after`]).
+    pub(crate) async fn caught_up_after(
+        &self,
+        want: &HashMap<u64, HashMap<String, i64>>,
+        from: Instant,
+    ) -> Option<Duration> {
+        caught_up_after(&self.members, want, from).await
+    }
+
+    /// Stops sending, waits until every message is answered code 0 and every member has
+    /// everything, stops the members and checks what they saw against history: `fault`'s row.
+    pub(crate) async fn finish(self, fault: Fault, catch_up: Option<Duration>) -> Row {
+        self.control.sending.store(false, Ordering::SeqCst);
+        let load_secs = self.began.elapsed().as_secs_f64();
+        wait_until(SETTLE_LIMIT, "every message to be answered code 0", || {
+            self.members
+                .iter()
+                .all(|m| m.seen.lock().expect("seen").unanswered == 0)
+        })
+        .await;
+        let all = acked_by_room(&self.members);
+        let _ = caught_up_after(&self.members, &all, Instant::now()).await;
+        self.control.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        let token = &self.host_token;
+        check(
+            fault,
+            &self.api,
+            token,
+            &self.rooms,
+            &self.members,
+            load_secs,
+            catch_up,
+        )
+        .await
+    }
 }
 
 /// Freezes of the freeze-router fault at most, until a router is caught with work in hand.
