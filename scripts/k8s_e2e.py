@@ -132,6 +132,9 @@ class Cluster:
                 log(f"the namespace chatoy was not deleted within 120 s: {deleted.stderr.strip()}")
                 kubectl("get", "namespace", "chatoy", "-o", "jsonpath={.status}", check=False)
                 kubectl("get", "all,pvc,endpointslices", "-n", "chatoy", "-o", "wide", check=False)
+            # The add-ons too: their watches would keep the API server from stopping.
+            kubectl("delete", "-f", REPO / "deploy/k8s/local-cluster", "--ignore-not-found", "--wait",
+                    "--timeout", "60s", check=False, capture=True)
             run(REPO / "scripts/k8s-node", "stop", RUN, check=False)
         if "control-plane" in self.started:
             run(REPO / "scripts/k8s-control-plane", "stop", RUN, check=False)
