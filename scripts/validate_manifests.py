@@ -2,7 +2,7 @@
 
 Usage: validate_manifests.py WORK CHATOY_BIN KUBECTL KUBECONFIG [--self-test]
 
-WORK holds dev.yaml and prod.yaml (kustomize's output) and help-<role>.txt (`chatoy <role>
+WORK holds dev.yaml, prod.yaml and local.yaml (kustomize's output) and help-<role>.txt (`chatoy <role>
 --help`). Every object goes to a real kube-apiserver (server-side dry run, strict field
 validation, the operators' CRDs installed), then the manifests are checked against the binary
 and against themselves. With --self-test, broken copies of the prod overlay must each be
@@ -267,8 +267,18 @@ class Overlay:
     # 3. Selectors select something.
     def check_selectors(self):
         where = lambda d: f"{d['kind']}/{d['metadata']['name']}"
+        slices = self.by_kind.get("EndpointSlice", {}).values()
         for svc in self.by_kind.get("Service", {}).values():
-            if not self.pods_matching({"matchLabels": svc["spec"]["selector"]}):
+            if "selector" not in svc["spec"]:
+                # A Service for something outside the cluster: its EndpointSlices name it.
+                named = [e for e in slices if e["metadata"].get("labels", {}).get("kubernetes.io/service-name") == svc["metadata"]["name"]]
+                ports = {p.get("name") for e in named for p in e.get("ports") or []}
+                if not named:
+                    self.fail(where(svc), "has no selector and no EndpointSlice names it")
+                for port in svc["spec"]["ports"]:
+                    if named and port.get("name") not in ports:
+                        self.fail(where(svc), f"port {port.get('name')} is in none of its EndpointSlices")
+            elif not self.pods_matching({"matchLabels": svc["spec"]["selector"]}):
                 self.fail(where(svc), "selects no pod")
         for pdb in self.by_kind.get("PodDisruptionBudget", {}).values():
             if not self.pods_matching(pdb["spec"]["selector"]):
@@ -353,6 +363,13 @@ class Overlay:
                                  f"(deploy/local/ha.env) runs {local[0]} with {local[1]}")
             self.say(f"NATS: {servers} servers, work stream at {stream} replicas, routes to each, disruption budget within quorum, "
                      "as in deploy/local/ha.env")
+        if not self.by_kind.get("ScyllaCluster"):
+            # No operator (the local overlay): the CQL nodes are Services of the manifests.
+            for node in config.get("CHATOY_CQL_NODES", "").split(","):
+                host, _, port = node.strip().rpartition(":")
+                if not any(s["metadata"]["name"] == host and any(str(p["port"]) == port for p in s["spec"]["ports"])
+                           for s in services.values()):
+                    self.fail("CHATOY_CQL_NODES", f"{node} is not a port of a Service in the manifests")
         for scylla in self.by_kind.get("ScyllaCluster", {}).values():
             where = f"ScyllaCluster/{scylla['metadata']['name']}"
             datacenter = scylla["spec"]["datacenter"]
@@ -517,7 +534,7 @@ def self_test(prod_docs):
 
 def main():
     errors, rendered = [], {}
-    for overlay in ("dev", "prod"):
+    for overlay in ("dev", "prod", "local"):
         docs = [d for d in yaml.safe_load_all((WORK / f"{overlay}.yaml").read_text()) if d]
         if not docs:
             errors.append(f"{overlay}: rendered no object")

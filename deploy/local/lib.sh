@@ -73,7 +73,7 @@ stop_pid() {
     local deadline=$((SECONDS + grace))
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
     if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid did not stop in ${grace}s: SIGKILL"
+      log "pid $pid ($(ps -o comm= -p "$pid" 2>/dev/null || echo gone)) did not stop in ${grace}s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
   fi

@@ -253,8 +253,13 @@ impl Api {
     }
 
     /// Reads one sample of a Prometheus metric (exact series name with labels), summed over
-    /// every gateway that has it; `None` if none has.
+    /// every gateway that has it; `None` if none has. An external deployment's client has no
+    /// gateways to read: asking fails the test.
     pub async fn metric(&self, series: &str) -> Option<f64> {
+        assert!(
+            !self.metrics.is_empty(),
+            "{series}: the metrics of an external deployment are not this test's own"
+        );
         let mut sum = None;
         for base in &self.metrics {
             let url = format!("{base}/metrics");

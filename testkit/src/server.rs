@@ -1,6 +1,8 @@
 //! The server under test, whatever the mode: a `chatoy standalone` process on a fresh data
-//! directory, or (`CHATOY_E2E_MODE=cluster`) a private mini-cluster behind HAProxy.
+//! directory, (`CHATOY_E2E_MODE=cluster`) a private mini-cluster behind HAProxy, or
+//! (`CHATOY_E2E_MODE=external`) a deployment at `CHATOY_E2E_URL` that the suite did not start.
 
+use std::collections::BTreeSet;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -44,6 +46,9 @@ pub enum Mode {
     Standalone,
     /// `cluster`: a private mini-cluster per test on the shared NATS and Cassandra.
     Cluster,
+    /// `external`: a deployment the suite does not start, reached at `CHATOY_E2E_URL` (its load
+    /// balancer or Service), shared by every test (scripts/k8s-e2e: a Kubernetes cluster).
+    External,
 }
 
 /// The mode this run tests; an unknown value fails loudly.
@@ -51,7 +56,8 @@ pub fn mode() -> Mode {
     match std::env::var("CHATOY_E2E_MODE").as_deref() {
         Err(std::env::VarError::NotPresent) | Ok("" | "standalone") => Mode::Standalone,
         Ok("cluster") => Mode::Cluster,
-        other => panic!("CHATOY_E2E_MODE must be `standalone` or `cluster`, not {other:?}"),
+        Ok("external") => Mode::External,
+        other => panic!("CHATOY_E2E_MODE must be `standalone`, `cluster` or `external`, not {other:?}"),
     }
 }
 
@@ -95,6 +101,57 @@ pub struct Server {
 enum Backend {
     Standalone(Box<Standalone>),
     Cluster(Box<Cluster>),
+    External(External),
+}
+
+/// A deployment the suite did not start: only its entry point is known, and only its own
+/// configuration runs there.
+struct External {
+    /// `http://HOST:PORT`, from `CHATOY_E2E_URL`.
+    url: String,
+}
+
+impl External {
+    /// The deployment at `CHATOY_E2E_URL`, if the test's flags are among the ones it runs with
+    /// (`CHATOY_E2E_EXTERNAL_FLAGS`, flag-value pairs separated by spaces, say
+    /// `--msg-rate 10000 --msg-burst 10000`); a test that needs others fails loudly, as does one
+    /// that controls processes ([`External::refuse`]). scripts/k8s-e2e leaves those out by name.
+    fn connect(extra: &[&str], sqlite: &[&str]) -> External {
+        let url = std::env::var("CHATOY_E2E_URL")
+            .ok()
+            .filter(|url| url.starts_with("http://"))
+            .unwrap_or_else(|| panic!("CHATOY_E2E_MODE=external needs CHATOY_E2E_URL=http://HOST:PORT"));
+        let runs_with: Vec<String> = std::env::var("CHATOY_E2E_EXTERNAL_FLAGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let pairs: BTreeSet<(&str, &str)> = runs_with
+            .chunks(2)
+            .filter(|pair| pair.len() == 2)
+            .map(|pair| (pair[0].as_str(), pair[1].as_str()))
+            .collect();
+        let wanted = test_flags(extra);
+        let missing: Vec<String> = wanted
+            .chunks(2)
+            .filter(|pair| pair.len() != 2 || !pairs.contains(&(pair[0].as_str(), pair[1].as_str())))
+            .map(|pair| pair.join(" "))
+            .collect();
+        assert!(
+            missing.is_empty() && sqlite.is_empty(),
+            "this test needs a server started with {missing:?} {sqlite:?}; the external deployment at \
+             {url} runs with {runs_with:?} (CHATOY_E2E_EXTERNAL_FLAGS): leave the test out there"
+        );
+        External { url }
+    }
+
+    /// Fails the test: `what` needs processes the suite started.
+    fn refuse(&self, what: &str) -> ! {
+        panic!(
+            "{what} needs processes the suite started; {} is an external deployment",
+            self.url
+        )
+    }
 }
 
 struct Standalone {
@@ -139,6 +196,11 @@ impl Server {
                     _slot: None,
                 }
             }
+            Mode::External => Server {
+                backend: Backend::External(External::connect(extra, sqlite)),
+                writes_blocked_at: None,
+                _slot: None,
+            },
             Mode::Cluster => {
                 let slot = cluster_slots().acquire_owned().await.expect("semaphore open");
                 let cluster = Cluster::start(Spec::new(1, 2, extra)).await;
@@ -156,6 +218,7 @@ impl Server {
         match &self.backend {
             Backend::Standalone(s) => format!("http://127.0.0.1:{}", s.process.port()),
             Backend::Cluster(c) => c.base_url(),
+            Backend::External(e) => e.url.clone(),
         }
     }
 
@@ -165,6 +228,7 @@ impl Server {
         match &self.backend {
             Backend::Standalone(s) => (format!("127.0.0.1:{}", s.process.port()), "/ws".into()),
             Backend::Cluster(c) => (c.lb_addr(), c.next_ws_path()),
+            Backend::External(e) => (e.url.trim_start_matches("http://").to_owned(), "/ws".into()),
         }
     }
 
@@ -183,6 +247,14 @@ impl Server {
                 format!("127.0.0.1:{}", s.process.port())
             }
             Backend::Cluster(c) => c.gateway_url(n).trim_start_matches("http://").to_owned(),
+            // Only the entry point is known: gateway 1 is whichever one it leads to.
+            Backend::External(e) => {
+                assert_eq!(
+                    n, 1,
+                    "an external deployment is reached only through its entry point"
+                );
+                e.url.trim_start_matches("http://").to_owned()
+            }
         }
     }
 
@@ -194,6 +266,9 @@ impl Server {
 
     /// The process id of gateway `n` (the process listening on its port).
     pub fn gateway_pid(&self, n: usize) -> u32 {
+        if let Backend::External(e) = &self.backend {
+            e.refuse("a gateway's process id");
+        }
         let addr = self.gateway_addr(n);
         let port: u16 = addr
             .rsplit(':')
@@ -209,6 +284,7 @@ impl Server {
         match &self.backend {
             Backend::Standalone(_) => (self.gateway_addr(n), "/ws".into()),
             Backend::Cluster(c) => (c.lb_addr(), c.ws_path(n)),
+            Backend::External(_) => (self.gateway_addr(n), "/ws".into()),
         }
     }
 
@@ -221,6 +297,7 @@ impl Server {
                 format!("ws://127.0.0.1:{}/ws", s.process.port())
             }
             Backend::Cluster(c) => c.ws_url(n),
+            Backend::External(_) => format!("ws://{}/ws", self.gateway_addr(n)),
         }
     }
 
@@ -229,6 +306,7 @@ impl Server {
         match &self.backend {
             Backend::Standalone(s) => s.process.stderr(),
             Backend::Cluster(c) => c.stderr(),
+            Backend::External(e) => e.refuse("the servers' output"),
         }
     }
 
@@ -237,6 +315,9 @@ impl Server {
         match &self.backend {
             Backend::Standalone(_) => Api::new(self.base_url(), vec![self.base_url()]),
             Backend::Cluster(c) => c.api(),
+            // No metrics: they would be one gateway's (whichever answers), shared with every
+            // other test.
+            Backend::External(e) => Api::new(e.url.clone(), Vec::new()),
         }
     }
 
@@ -245,6 +326,7 @@ impl Server {
         match &mut self.backend {
             Backend::Standalone(s) => s.process.is_running(),
             Backend::Cluster(c) => c.is_running(),
+            Backend::External(e) => e.refuse("whether the servers run"),
         }
     }
 
@@ -253,6 +335,7 @@ impl Server {
     /// a successful one.
     pub async fn terminate(&mut self, limit: Duration) -> ExitStatus {
         match &mut self.backend {
+            Backend::External(e) => e.refuse("stopping the servers"),
             Backend::Standalone(s) => s.process.terminate(limit).await,
             Backend::Cluster(c) => {
                 let statuses = c.terminate_all(limit).await;
@@ -277,6 +360,7 @@ impl Server {
         match &mut self.backend {
             Backend::Standalone(s) => s.process.start(LISTENING, Duration::from_secs(30)).await,
             Backend::Cluster(c) => c.restart_stopped().await,
+            Backend::External(e) => e.refuse("starting the servers again"),
         }
     }
 
@@ -303,6 +387,7 @@ impl Server {
                     *s.lock.lock().expect("lock") = Some(db);
                 }
             }
+            Backend::External(e) => e.refuse("blocking the store's writes"),
             Backend::Cluster(c) => {
                 for (name, status) in c.terminate_routers(Duration::from_secs(15)).await {
                     assert!(status.success(), "{name} exited with {status} after SIGTERM");
@@ -320,6 +405,7 @@ impl Server {
                 let db = s.lock.lock().expect("lock").take().expect("writes are blocked");
                 db.execute_batch("COMMIT").expect("release the write lock");
             }
+            Backend::External(e) => e.refuse("unblocking the store's writes"),
             Backend::Cluster(c) => {
                 // NATS keeps a stopped router's partitions pinned to it for the failover
                 // timeout: a router started sooner would get no work until then.

@@ -66,6 +66,10 @@ pub(crate) enum Fault {
     RollingCql,
     RollingNats,
     NatsAndCql,
+    // The Kubernetes cluster's (`k8s.rs`).
+    ScaleGateways,
+    RolloutGateways,
+    RolloutRouters,
 }
 
 const FAULTS: [Fault; 7] = [
@@ -94,10 +98,13 @@ impl Fault {
             Fault::RollingCql => "rolling-cql",
             Fault::RollingNats => "rolling-nats",
             Fault::NatsAndCql => "nats-and-cql",
+            Fault::ScaleGateways => "k8s-scale-gateways",
+            Fault::RolloutGateways => "k8s-rollout-gateways",
+            Fault::RolloutRouters => "k8s-rollout-routers",
         }
     }
 
-    fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Fault::KillGateway => "SIGKILL gateway 1 (restarted 3 s later)",
             Fault::KillRouter => "SIGKILL router 1 (restarted 3 s later)",
@@ -115,6 +122,9 @@ impl Fault {
             Fault::NatsAndCql => {
                 "SIGKILL the work stream's NATS leader and CQL node 2 at once, restart both 3 s later"
             }
+            Fault::ScaleGateways => "kubectl scale deployment chatoy-gateway 3 → 1 → 3",
+            Fault::RolloutGateways => "kubectl rollout restart deployment chatoy-gateway",
+            Fault::RolloutRouters => "kubectl rollout restart deployment chatoy-router",
         }
     }
 }
@@ -163,21 +173,28 @@ pub(crate) async fn run_faults(
     wanted: Option<&HashSet<String>>,
     backend: &Backend,
 ) -> Vec<Row> {
-    let load_secs: u64 = std::env::var("CHATOY_FAULT_LOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let load = load_duration();
     let mut rows = Vec::new();
     for &fault in faults {
         if wanted.is_some_and(|w| !w.contains(fault.name())) {
             continue;
         }
         eprintln!("== {}: {}", fault.name(), fault.describe());
-        let row = run_fault(fault, backend, Duration::from_secs(load_secs)).await;
+        let row = run_fault(fault, backend, load).await;
         eprintln!("{}", table(std::slice::from_ref(&row)));
         rows.push(row);
     }
     rows
+}
+
+/// How long the load runs before a fault and again after it healed (`CHATOY_FAULT_LOAD_SECS`,
+/// default 4).
+pub(crate) fn load_duration() -> Duration {
+    let secs = std::env::var("CHATOY_FAULT_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    Duration::from_secs(secs)
 }
 
 /// Prints the table, writes it to `target/tmp/<file>`, and fails if a row lost, duplicated or
@@ -217,77 +234,20 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
         Backend::Ha(ha) => (Spec::new(1, GATEWAYS, &flags).services(ha.services()), None),
     };
     let mut cluster = Cluster::start(spec).await;
-    let api = cluster.api();
-    let host = api.new_user("host").await;
-    let mut rooms = Vec::new();
-    for r in 0..ROOMS {
-        rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
-    }
-    let start = chatoy_protocol::Timestamp::now().0;
     let balanced = format!("ws://{}/ws", cluster.lb_addr());
-    let mut specs = Vec::new();
-    for i in 0..SENDERS {
-        let user = api.new_user(&format!("sender{i}")).await;
-        let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
-        for room in &mine {
-            api.join(&user.token, *room).await;
-        }
-        specs.push(MemberSpec {
-            label: format!("sender {i}"),
-            token: user.token,
-            rooms: mine,
-            first_url: cluster.ws_url(i % GATEWAYS + 1),
-            url: balanced.clone(),
-            rate: RATE,
-            window: WINDOW,
-            start,
-        });
-    }
-    for g in 1..=GATEWAYS {
-        let user = api.new_user(&format!("listener{g}")).await;
-        for room in &rooms {
-            api.join(&user.token, *room).await;
-        }
-        specs.push(MemberSpec {
-            label: format!("listener {g}"),
-            token: user.token,
-            rooms: rooms.clone(),
-            first_url: cluster.ws_url(g),
-            url: balanced.clone(),
-            rate: 0.0,
-            window: 0,
-            start,
-        });
-    }
-    // Every member connected before the load starts.
-    let mut crowd = Crowd::start(specs).await;
-    let load_began = Instant::now();
-    crowd.start_sending().await;
+    let load_run = Load::start(cluster.api(), &balanced, |gateway| cluster.ws_url(gateway)).await;
     cluster.add_router().await;
-    tokio::time::sleep(load.saturating_sub(load_began.elapsed())).await;
+    tokio::time::sleep(load.saturating_sub(load_run.elapsed())).await;
     let healed = inject(fault, &mut cluster, proxy.as_ref(), backend).await;
     // Everything acknowledged when the fault healed: how long until every member has it
     // (while the cluster is made whole again).
-    let snapshot = crowd.acked_by_room();
+    let snapshot = load_run.acked();
     let (catch_up, ()) = tokio::join!(
-        crowd.caught_up_after(&snapshot, healed, SETTLE_LIMIT),
+        load_run.caught_up_after(&snapshot, healed),
         make_whole(fault, &mut cluster, backend)
     );
     tokio::time::sleep(load).await;
-    crowd.stop_sending();
-    let load_secs = load_began.elapsed().as_secs_f64();
-    crowd.until_answered(SETTLE_LIMIT).await;
-    let all = crowd.acked_by_room();
-    let _ = crowd.caught_up_after(&all, Instant::now(), SETTLE_LIMIT).await;
-    crowd.stop().await;
-    let verdict = check(&api, &host.token, &rooms, &crowd.members).await;
-    let mut row = Row {
-        fault,
-        rate: verdict.acked as f64 / load_secs,
-        catch_up,
-        events: None,
-        verdict,
-    };
+    let mut row = load_run.finish(fault, catch_up).await;
     if matches!(backend, Backend::Ha(_)) {
         row.events = Some(cluster_events(&cluster).await);
     }
@@ -307,6 +267,118 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
         eprintln!("{} failed; process logs in {}", fault.name(), path.display());
     }
     row
+}
+
+/// The suite's load on a running deployment: [`SENDERS`] senders across [`ROOMS`] rooms and one
+/// listener per gateway, registered through `api`, each a resilient client (testkit's
+/// [`Crowd`]) that reconnects through the load balancer. Shared by the fault suite, the HA pass
+/// and the Kubernetes checks (`k8s.rs`).
+pub(crate) struct Load {
+    api: Api,
+    host_token: String,
+    rooms: Vec<u64>,
+    crowd: Crowd,
+    began: Instant,
+}
+
+impl Load {
+    /// Registers the members, connects each (first to `first_url(gateway)`, spreading them over
+    /// [`GATEWAYS`] gateways; after any close to `balanced`) and starts sending once all are
+    /// connected.
+    pub(crate) async fn start(api: Api, balanced: &str, first_url: impl Fn(usize) -> String) -> Load {
+        let host = api.new_user("host").await;
+        let mut rooms = Vec::new();
+        for r in 0..ROOMS {
+            rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
+        }
+        let start = chatoy_protocol::Timestamp::now().0;
+        let mut specs = Vec::new();
+        for i in 0..SENDERS {
+            let user = api.new_user(&format!("sender{i}")).await;
+            let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
+            for room in &mine {
+                api.join(&user.token, *room).await;
+            }
+            specs.push(MemberSpec {
+                label: format!("sender {i}"),
+                token: user.token,
+                rooms: mine,
+                first_url: first_url(i % GATEWAYS + 1),
+                url: balanced.to_owned(),
+                rate: RATE,
+                window: WINDOW,
+                start,
+            });
+        }
+        for g in 1..=GATEWAYS {
+            let user = api.new_user(&format!("listener{g}")).await;
+            for room in &rooms {
+                api.join(&user.token, *room).await;
+            }
+            specs.push(MemberSpec {
+                label: format!("listener {g}"),
+                token: user.token,
+                rooms: rooms.clone(),
+                first_url: first_url(g),
+                url: balanced.to_owned(),
+                rate: 0.0,
+                window: 0,
+                start,
+            });
+        }
+        // Every member connected before the load starts.
+        let crowd = Crowd::start(specs).await;
+        let began = Instant::now();
+        crowd.start_sending().await;
+        Load {
+            api,
+            host_token: host.token,
+            rooms,
+            crowd,
+            began,
+        }
+    }
+
+    /// How long the members have been sending.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// Every message acknowledged so far, by room: uuid → sent.
+    pub(crate) fn acked(&self) -> chatoy_testkit::resilient::Acked {
+        self.crowd.acked_by_room()
+    }
+
+    /// How long after `from` every member had every message of `want`.
+    pub(crate) async fn caught_up_after(
+        &self,
+        want: &chatoy_testkit::resilient::Acked,
+        from: Instant,
+    ) -> Option<Duration> {
+        self.crowd.caught_up_after(want, from, SETTLE_LIMIT).await
+    }
+
+    /// Stops sending, waits until every message is answered code 0 and every member has
+    /// everything, stops the members and checks what they saw against history: `fault`'s row.
+    pub(crate) async fn finish(mut self, fault: Fault, catch_up: Option<Duration>) -> Row {
+        self.crowd.stop_sending();
+        let load_secs = self.began.elapsed().as_secs_f64();
+        self.crowd.until_answered(SETTLE_LIMIT).await;
+        let all = self.crowd.acked_by_room();
+        let _ = self
+            .crowd
+            .caught_up_after(&all, Instant::now(), SETTLE_LIMIT)
+            .await;
+        self.crowd.stop().await;
+        let verdict = check(&self.api, &self.host_token, &self.rooms, &self.crowd.members).await;
+        Row {
+            fault,
+            rate: verdict.acked as f64 / load_secs,
+            catch_up,
+            events: None,
+            verdict,
+        }
+    }
 }
 
 /// Freezes of the freeze-router fault at most, until a router is caught with work in hand.
