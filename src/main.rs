@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    Cli, ClusterGatewayArgs, Command, CqlArgs, LogFormat, MigrateArgs, NatsArgs, RouterArgs, StandaloneArgs,
+    Cli, ClusterGatewayArgs, Command, CqlArgs, GatewayArgs, LogFormat, MigrateArgs, NatsArgs, RouterArgs,
+    StandaloneArgs,
 };
 
 #[global_allocator]
@@ -162,19 +163,9 @@ async fn standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         router_metrics,
         router_stop.clone(),
     ));
-    let (listener, local) = bind(args.common.listen).await?;
-    tracing::info!(%local, data_dir = %args.data_dir.display(), "chatoy standalone ready");
-    println!("chatoy listening on http://{local}");
-    let shutdown = shutdown_on_signal();
-    chatoy_gateway::run(
-        args.common.config.clone(),
-        store,
-        bus,
-        listener,
-        registry,
-        shutdown,
-    )
-    .await?;
+    let ready =
+        |local| tracing::info!(%local, data_dir = %args.data_dir.display(), "chatoy standalone ready");
+    serve_clients(&args.common, store, bus, registry, shutdown_on_signal(), ready).await?;
     router_stop.cancel();
     router
         .await
@@ -214,24 +205,31 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<(TcpListener, std::n
     Ok((listener, local))
 }
 
+/// Serves clients on `args.listen` until `shutdown`: `ready` logs the bound address, and the
+/// address is printed for whoever started the process.
+async fn serve_clients(
+    args: &GatewayArgs,
+    store: chatoy_store::DynStore,
+    bus: chatoy_bus::DynBus,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
+    let (listener, local) = bind(args.listen).await?;
+    ready(local);
+    println!("chatoy listening on http://{local}");
+    chatoy_gateway::run(args.config.clone(), store, bus, listener, registry, shutdown).await?;
+    Ok(())
+}
+
 async fn gateway(args: ClusterGatewayArgs) -> anyhow::Result<()> {
     let name = node_name("gateway", &args.node_id);
     let (bus, store) = connect_cluster(&args.nats, &args.cql, &name).await?;
-    let (listener, local) = bind(args.common.listen).await?;
-    tracing::info!(%local, node = %name, "chatoy gateway ready");
-    println!("chatoy listening on http://{local}");
     let shutdown = shutdown_on_signal();
     let registry = prometheus::Registry::new();
     let layout = tokio::spawn(check_layout(bus.clone(), shutdown.clone()));
-    chatoy_gateway::run(
-        args.common.config.clone(),
-        store,
-        bus,
-        listener,
-        registry,
-        shutdown,
-    )
-    .await?;
+    let ready = |local| tracing::info!(%local, node = %name, "chatoy gateway ready");
+    serve_clients(&args.common, store, bus, registry, shutdown, ready).await?;
     if layout.is_finished() {
         layout.await.context("the layout check failed")??;
     } else {

@@ -14,11 +14,11 @@ use super::{
     bearer, caller, json_response, ok_response, parse_id, read_json, store_error, ApiError, Body, Reply,
 };
 use crate::accounts::{session_key, token_hash, Accounts};
-use crate::Shared;
+use crate::GatewayState;
 
 /// The answer when no password hash could start in time: each takes tens of MiB, so only a few
 /// run at once.
-fn hashing_busy(shared: &Shared) -> ApiError {
+fn hashing_busy(shared: &GatewayState) -> ApiError {
     shared.metrics.refused_hashing.inc();
     ApiError::later(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -27,7 +27,11 @@ fn hashing_busy(shared: &Shared) -> ApiError {
     )
 }
 
-pub(super) async fn register(shared: &Shared, req: Request<Incoming>, addr: IpAddr) -> Reply<Response<Body>> {
+pub(super) async fn register(
+    shared: &GatewayState,
+    req: Request<Incoming>,
+    addr: IpAddr,
+) -> Reply<Response<Body>> {
     if let Err(wait) = shared.registrations.take(addr) {
         shared.metrics.refused_registration.inc();
         return Err(ApiError::later(
@@ -73,7 +77,7 @@ pub(super) async fn register(shared: &Shared, req: Request<Incoming>, addr: IpAd
     }
 }
 
-pub(super) async fn get_user(shared: &Shared, id: &str) -> Reply<Response<Body>> {
+pub(super) async fn get_user(shared: &GatewayState, id: &str) -> Reply<Response<Body>> {
     let id = parse_id(id)?;
     match shared.store.user(id).await {
         Ok(Some(user)) => Ok(json_response(StatusCode::OK, &User::from(user))),
@@ -82,7 +86,11 @@ pub(super) async fn get_user(shared: &Shared, id: &str) -> Reply<Response<Body>>
     }
 }
 
-pub(super) async fn login(shared: &Shared, req: Request<Incoming>, addr: IpAddr) -> Reply<Response<Body>> {
+pub(super) async fn login(
+    shared: &GatewayState,
+    req: Request<Incoming>,
+    addr: IpAddr,
+) -> Reply<Response<Body>> {
     let credentials: Credentials = read_json(shared, req).await?;
     if let Err(wait) = shared.logins.attempt(&credentials.username, addr) {
         shared.metrics.refused_login.inc();
@@ -148,7 +156,7 @@ pub(super) async fn login(shared: &Shared, req: Request<Incoming>, addr: IpAddr)
     ))
 }
 
-pub(super) async fn logout(shared: &Shared, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn logout(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let hash = token_hash(bearer(&req).unwrap_or_default());
     shared.store.revoke_session(&hash).await.map_err(store_error)?;
@@ -164,7 +172,7 @@ pub(super) async fn logout(shared: &Shared, req: Request<Incoming>) -> Reply<Res
 }
 
 /// Refuses (403) a user who is in as many rooms as a user may be.
-async fn check_room_count(shared: &Shared, user: u64) -> Reply<()> {
+async fn check_room_count(shared: &GatewayState, user: u64) -> Reply<()> {
     let count = shared.store.room_count(user).await.map_err(store_error)?;
     if count >= shared.config.max_rooms_per_user {
         shared.metrics.refused_rooms.inc();
@@ -179,7 +187,7 @@ async fn check_room_count(shared: &Shared, user: u64) -> Reply<()> {
     Ok(())
 }
 
-pub(super) async fn create_room(shared: &Shared, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn create_room(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let new: NewRoom = read_json(shared, req).await?;
     validate::room(&new.name, &new.description).map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
@@ -193,7 +201,7 @@ pub(super) async fn create_room(shared: &Shared, req: Request<Incoming>) -> Repl
     Ok(json_response(StatusCode::CREATED, &RoomId { id: room.id }))
 }
 
-async fn announce_join(shared: &Shared, user: u64, room: u64) {
+async fn announce_join(shared: &GatewayState, user: u64, room: u64) {
     shared
         .registry
         .join_local(user, room, shared.config.send_timeout)
@@ -203,14 +211,14 @@ async fn announce_join(shared: &Shared, user: u64, room: u64) {
     }
 }
 
-pub(super) async fn my_rooms(shared: &Shared, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn my_rooms(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let rooms = shared.store.user_rooms(user).await.map_err(store_error)?;
     let rooms: Vec<Room> = rooms.into_iter().map(Room::from).collect();
     Ok(json_response(StatusCode::OK, &rooms))
 }
 
-pub(super) async fn get_room(shared: &Shared, id: &str) -> Reply<Response<Body>> {
+pub(super) async fn get_room(shared: &GatewayState, id: &str) -> Reply<Response<Body>> {
     let id = parse_id(id)?;
     match shared.store.room(id).await {
         Ok(Some(room)) => Ok(json_response(StatusCode::OK, &Room::from(room))),
@@ -219,7 +227,11 @@ pub(super) async fn get_room(shared: &Shared, id: &str) -> Reply<Response<Body>>
     }
 }
 
-pub(super) async fn join_room(shared: &Shared, req: Request<Incoming>, id: &str) -> Reply<Response<Body>> {
+pub(super) async fn join_room(
+    shared: &GatewayState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let room = parse_id(id)?;
     // Joining again is fine at the limit: joins are idempotent.
@@ -235,7 +247,11 @@ pub(super) async fn join_room(shared: &Shared, req: Request<Incoming>, id: &str)
     Ok(ok_response(StatusCode::OK))
 }
 
-pub(super) async fn history(shared: &Shared, req: Request<Incoming>, id: &str) -> Reply<Response<Body>> {
+pub(super) async fn history(
+    shared: &GatewayState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let room = parse_id(id)?;
     let mut before = Timestamp(i64::MAX);

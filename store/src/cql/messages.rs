@@ -237,24 +237,14 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let mut messages = Vec::new();
         let Some(head) = self.head_past(room, after, limit).await? else {
-            return Ok(messages);
+            return Ok(Vec::new());
         };
-        let mut buckets = BucketWalk::at_most(self, room, self.bucket(head));
-        let floor = self.bucket(after);
-        while messages.len() < limit {
-            let Some(bucket) = buckets.next().await? else {
-                break;
-            };
-            if bucket < floor {
-                break;
-            }
-            let statement = &self.statements.messages_between;
-            self.read_between(&mut messages, statement, room, bucket, (after, head), limit)
-                .await?;
-        }
-        messages.truncate(limit);
+        let buckets = BucketWalk::at_most(self, room, self.bucket(head));
+        let statement = &self.statements.messages_between;
+        let mut messages = self
+            .read_range(room, buckets, statement, (after, head), limit)
+            .await?;
         messages.reverse();
         Ok(messages)
     }
@@ -346,20 +336,13 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let mut messages = Vec::new();
         let Some(head) = self.head_past(room, after, limit).await? else {
-            return Ok(messages);
+            return Ok(Vec::new());
         };
-        let mut buckets = BucketWalk::between(self, room, self.bucket(after), self.bucket(head));
-        while messages.len() < limit {
-            let Some(bucket) = buckets.next().await? else {
-                break;
-            };
-            let statement = &self.statements.messages_after_ascending;
-            self.read_between(&mut messages, statement, room, bucket, (after, head), limit)
-                .await?;
-        }
-        Ok(messages)
+        let buckets = BucketWalk::between(self, room, self.bucket(after), self.bucket(head));
+        let statement = &self.statements.messages_after_ascending;
+        self.read_range(room, buckets, statement, (after, head), limit)
+            .await
     }
 
     /// The room's head (`i64::MAX` while it has none), if up to `limit` messages with
@@ -369,24 +352,34 @@ impl CqlStore {
         Ok((limit > 0 && head > after).then_some(head))
     }
 
-    /// Appends to `messages` the rows of one bucket with `after < sent <= head` that
-    /// `statement` (bound to room, bucket, after, head and a row limit) reads, up to `limit`
-    /// messages in all.
-    async fn read_between(
+    /// Up to `limit` messages with `after < sent <= head`, read bucket by bucket along `buckets`
+    /// (in its order, down to or up from `after`'s bucket) with `statement` (bound to room,
+    /// bucket, after, head and a row limit); within a bucket in the statement's order.
+    async fn read_range(
         &self,
-        messages: &mut Vec<StoredMessage>,
-        statement: &PreparedStatement,
         room: u64,
-        bucket: i64,
+        mut buckets: BucketWalk<'_>,
+        statement: &PreparedStatement,
         (after, head): (i64, i64),
         limit: usize,
-    ) -> CqlResult<()> {
-        let want = cql_limit(limit - messages.len());
-        let rows: Vec<MessageRow> =
-            read_all(&self.session, statement, (room as i64, bucket, after, head, want)).await?;
-        for row in rows {
-            messages.push(message_from_row(room, row)?);
+    ) -> CqlResult<Vec<StoredMessage>> {
+        let mut messages = Vec::new();
+        let floor = self.bucket(after);
+        while messages.len() < limit {
+            let Some(bucket) = buckets.next().await? else {
+                break;
+            };
+            if bucket < floor {
+                break;
+            }
+            let want = cql_limit(limit - messages.len());
+            let rows: Vec<MessageRow> =
+                read_all(&self.session, statement, (room as i64, bucket, after, head, want)).await?;
+            for row in rows {
+                messages.push(message_from_row(room, row)?);
+            }
         }
-        Ok(())
+        messages.truncate(limit);
+        Ok(messages)
     }
 }

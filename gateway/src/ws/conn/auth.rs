@@ -4,10 +4,10 @@
 use super::*;
 
 pub(super) async fn authenticate(
-    shared: &Arc<Shared>,
+    shared: &Arc<GatewayState>,
     ws: &mut Socket,
     conn: u64,
-) -> Option<(Arc<SocketHandle>, Live)> {
+) -> Option<(Arc<SocketHandle>, SocketState)> {
     let deadline = tokio::time::sleep(shared.config.auth_timeout);
     tokio::pin!(deadline);
     let mut failures = 0;
@@ -93,13 +93,13 @@ pub(super) async fn authenticate(
 /// Registers an authenticated socket in its user's and rooms' subscriptions, answers `auth`, and
 /// replays `since`. Live frames queue in the mailbox meanwhile and are de-duplicated at the seam.
 pub(super) async fn admit(
-    shared: &Arc<Shared>,
+    shared: &Arc<GatewayState>,
     ws: &mut Socket,
     conn: u64,
     session: Session,
     token_hash: [u8; 32],
     since: Option<Since>,
-) -> Option<(Arc<SocketHandle>, Live)> {
+) -> Option<(Arc<SocketHandle>, SocketState)> {
     let timeout = shared.config.write_timeout;
     let user = session.user_id;
     let socket = Arc::new(SocketHandle::new(conn, user, token_hash, session.expires));
@@ -130,10 +130,10 @@ pub(super) async fn admit(
         return None;
     }
     let Some(since) = since else {
-        return Some((socket, Live::new(&shared.config, None)));
+        return Some((socket, SocketState::new(&shared.config, None)));
     };
     match replay(shared, ws, &rooms, &since).await {
-        Ok(seam) => Some((socket, Live::new(&shared.config, Some(seam)))),
+        Ok(seam) => Some((socket, SocketState::new(&shared.config, Some(seam)))),
         Err(()) => {
             shared.registry.remove(&socket);
             let _ = write_raw(ws, &wire::close(CloseReason::UNAVAILABLE), timeout).await;
@@ -145,7 +145,7 @@ pub(super) async fn admit(
 /// Subscribes the socket's user to its rooms (the user's first socket here reads them; the
 /// others find them) and waits until every room's subscription is active; returns the rooms.
 pub(super) async fn register(
-    shared: &Arc<Shared>,
+    shared: &Arc<GatewayState>,
     socket: &Arc<SocketHandle>,
     added: Added,
 ) -> Result<Vec<u64>, String> {
@@ -190,7 +190,7 @@ pub(super) const REPLAY_PAGE: usize = 64;
 /// says the client left off in that room, oldest first, a page at a time. Returns, per room that
 /// got any, the `sent` of the last one sent: the seam for live frames queued meanwhile.
 pub(super) async fn replay(
-    shared: &Arc<Shared>,
+    shared: &Arc<GatewayState>,
     ws: &mut Socket,
     rooms: &[u64],
     since: &Since,

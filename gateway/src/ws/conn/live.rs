@@ -10,22 +10,27 @@ pub(super) enum Wake {
 }
 
 /// The socket's state between wake-ups.
-pub(super) struct Live {
+pub(super) struct SocketState {
     seam: Seam,
     /// The `msg` rate limit.
     limit: Bucket,
 }
 
-impl Live {
-    pub(super) fn new(config: &crate::config::GatewayConfig, seam: Seam) -> Live {
-        Live {
+impl SocketState {
+    pub(super) fn new(config: &crate::config::GatewayConfig, seam: Seam) -> SocketState {
+        SocketState {
             seam,
             limit: Bucket::full(config.msg_burst, Instant::now()),
         }
     }
 }
 
-pub(super) async fn run(shared: &Arc<Shared>, ws: &mut Socket, socket: &Arc<SocketHandle>, live: &mut Live) {
+pub(super) async fn run(
+    shared: &Arc<GatewayState>,
+    ws: &mut Socket,
+    socket: &Arc<SocketHandle>,
+    live: &mut SocketState,
+) {
     // The idle state is only this `select!`: pings, the idle timeout and shutdown reach the
     // socket through its mailbox (see `Registry::keepalive` and `Registry::close_all`), and the
     // work after a wake-up runs in a boxed future, so none of it is part of every idle
@@ -43,10 +48,10 @@ pub(super) async fn run(shared: &Arc<Shared>, ws: &mut Socket, socket: &Arc<Sock
 
 /// Handles one wake-up; returns whether the socket is done.
 pub(super) async fn on_wake(
-    shared: &Arc<Shared>,
+    shared: &Arc<GatewayState>,
     ws: &mut Socket,
     socket: &Arc<SocketHandle>,
-    live: &mut Live,
+    live: &mut SocketState,
     wake: Wake,
 ) -> bool {
     let timeout = shared.config.write_timeout;
