@@ -12,7 +12,7 @@ use super::Body;
 
 /// The web client (`gateway/web/`), embedded in the binary: file name (`""` is `/`), content
 /// type, contents. The files reference each other by these absolute paths.
-const WEB_FILES: [(&str, &str, &str); 3] = [
+const WEB_FILES: [(&str, &str, &str); 4] = [
     (
         "",
         "text/html; charset=utf-8",
@@ -22,6 +22,11 @@ const WEB_FILES: [(&str, &str, &str); 3] = [
         "app.js",
         "text/javascript; charset=utf-8",
         include_str!("../../web/app.js"),
+    ),
+    (
+        "model.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/model.js"),
     ),
     (
         "app.css",
@@ -109,6 +114,7 @@ mod tests {
         for (path, kind) in [
             ("", "text/html"),
             ("app.js", "text/javascript"),
+            ("model.js", "text/javascript"),
             ("app.css", "text/css"),
         ] {
             let response = web_response(path, &HeaderMap::new()).expect("served");
