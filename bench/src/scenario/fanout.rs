@@ -21,7 +21,7 @@ use crate::procfs::{self, CpuMark, Proc};
 use crate::progress::{self, human_rate, Phase};
 use crate::report::{acks_by_code, bytes, note_counts, refused_acks, Report};
 use crate::setup::Api;
-use crate::socket::{words_per_sender, Outcome, ReceivedTotals, Role, SendPlan, Shared};
+use crate::socket::{words_per_sender, Outcome, ReceivedTotals, Role, RunContext, SendPlan};
 
 /// The `fanout` results.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -217,9 +217,9 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let phase = Phase::default();
-    let shared = Arc::new(Shared::new(shape.members, shape.senders, args.messages, true));
+    let ctx = Arc::new(RunContext::new(shape.members, shape.senders, args.messages, true));
     let progress_done = CancellationToken::new();
-    progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
+    progress::spawn(ctx.clone(), phase.clone(), progress_done.clone(), common.quiet);
     let rss_before = common
         .pid
         .map(|pid| procfs::rss_bytes(Proc::Pid(pid)))
@@ -255,23 +255,21 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
             };
             (accounts[user as usize].token.as_str(), role)
         },
-        &shared,
+        &ctx,
         deadline,
     )
     .await;
     // Senders whose socket could not be opened will never report: wait only for the others.
-    shared
-        .senders_left
-        .store(connect.opened_senders, Ordering::Release);
+    ctx.senders_left.store(connect.opened_senders, Ordering::Release);
 
     let cpu_start = CpuMark::now(common.pid)?;
-    let start_ns = shared.epoch.elapsed().as_nanos() as u64;
+    let start_ns = ctx.epoch.elapsed().as_nanos() as u64;
     phase.set("send");
-    shared.start.cancel();
+    ctx.start.cancel();
     let mut stopped_by_duration = false;
     // Wait for the senders, then for the deliveries they are owed.
     loop {
-        let left = shared.senders_left.load(Ordering::Acquire);
+        let left = ctx.senders_left.load(Ordering::Acquire);
         if left == 0 {
             break;
         }
@@ -280,14 +278,14 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
             break;
         }
         tokio::select! {
-            _ = shared.sender_done.notified() => {}
+            _ = ctx.sender_done.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
     phase.set("drain");
     let drain_until = (tokio::time::Instant::now() + args.drain).min(deadline);
     while !stopped_by_duration {
-        if shared.counters.fresh.load(Ordering::Relaxed) >= shared.expected.load(Ordering::Acquire) {
+        if ctx.counters.fresh.load(Ordering::Relaxed) >= ctx.expected.load(Ordering::Acquire) {
             break;
         }
         if tokio::time::Instant::now() >= drain_until {
@@ -302,7 +300,7 @@ pub(crate) async fn run(common: &Common, args: &FanoutArgs) -> Result<Report> {
         .map(|pid| procfs::rss_bytes(Proc::Pid(pid)))
         .transpose()?;
     phase.set("close");
-    shared.stop.cancel();
+    ctx.stop.cancel();
     let (outcomes, task_failures) = super::collect(handles).await;
     progress_done.cancel();
 

@@ -20,7 +20,7 @@ use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, Phase};
 use crate::report::{bytes, Report};
 use crate::setup::Api;
-use crate::socket::{Role, Shared};
+use crate::socket::{Role, RunContext};
 
 /// The `idle` results.
 #[derive(Debug, Clone, Serialize)]
@@ -104,9 +104,9 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let phase = Phase::default();
-    let shared = Arc::new(Shared::new(1, 0, 0, false));
+    let ctx = Arc::new(RunContext::new(1, 0, 0, false));
     let progress_done = CancellationToken::new();
-    progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
+    progress::spawn(ctx.clone(), phase.clone(), progress_done.clone(), common.quiet);
 
     phase.set("settle");
     eprintln!("waiting for the server's RSS to settle before connecting");
@@ -136,14 +136,14 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
             };
             (account.token.as_str(), role)
         },
-        &shared,
+        &ctx,
         deadline,
     )
     .await;
 
     phase.set("settle");
     let rss_after = procfs::settle_rss(pid, args.settle_timeout).await?;
-    let open = shared.counters.open.load(Ordering::Relaxed);
+    let open = ctx.counters.open.load(Ordering::Relaxed);
     let bytes_per_socket = (rss_after.rss_bytes as f64 - rss_before.rss_bytes as f64) / open.max(1) as f64;
 
     phase.set("hold");
@@ -151,11 +151,11 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
     let hold_started = Instant::now();
     tokio::time::sleep_until(hold_until).await;
     let held_secs = hold_started.elapsed().as_secs_f64();
-    let open_at_end = shared.counters.open.load(Ordering::Relaxed);
+    let open_at_end = ctx.counters.open.load(Ordering::Relaxed);
     let cpu_end = CpuMark::now(Some(pid))?;
 
     phase.set("close");
-    shared.stop.cancel();
+    ctx.stop.cancel();
     let (outcomes, task_failures) = super::collect(handles).await;
     phase.set("settle");
     let rss_after_close = procfs::settle_rss(pid, args.settle_timeout).await?;

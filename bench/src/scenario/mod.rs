@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::cli::Common;
 use crate::connect::{self, Conn, Dial, Target};
-use crate::socket::{self, End, Outcome, Role, Shared};
+use crate::socket::{self, End, Outcome, Role, RunContext};
 
 /// How opening the sockets went.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -47,12 +47,12 @@ pub(crate) async fn open_all<'a>(
     dial: Dial,
     count: u64,
     plan: impl Fn(u64) -> (&'a str, Role),
-    shared: &Arc<Shared>,
+    ctx: &Arc<RunContext>,
     deadline: tokio::time::Instant,
 ) -> (Vec<JoinHandle<Outcome>>, ConnectStats) {
     let mut handles = Vec::with_capacity(count as usize);
     let stats = open_each(common, target, dial, count, plan, deadline, |_, conn, role| {
-        handles.push(tokio::spawn(socket::drive(conn, role, shared.clone())));
+        handles.push(tokio::spawn(socket::drive(conn, role, ctx.clone())));
     })
     .await;
     (handles, stats)

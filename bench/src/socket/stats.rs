@@ -126,11 +126,11 @@ pub(super) fn bit_test_and_set(bits: &mut [u64], index: u64) -> Option<bool> {
 }
 
 impl Received {
-    pub(super) fn new(shared: &Shared) -> Received {
+    pub(super) fn new(ctx: &RunContext) -> Received {
         let mut received = Received::default();
-        if shared.track {
-            received.got = vec![0; (shared.senders * words_per_sender(shared.messages)) as usize];
-            received.last_seq = vec![u64::MAX; shared.senders as usize];
+        if ctx.track {
+            received.got = vec![0; (ctx.senders * words_per_sender(ctx.messages)) as usize];
+            received.last_seq = vec![u64::MAX; ctx.senders as usize];
         }
         received
     }
@@ -139,7 +139,7 @@ impl Received {
     #[inline]
     pub(super) fn on_recv(
         &mut self,
-        shared: &Shared,
+        ctx: &RunContext,
         me: &Role,
         uuid: &[u8],
         text: &[u8],
@@ -148,16 +148,16 @@ impl Received {
     ) -> bool {
         self.frames += 1;
         self.last_ns = now_ns;
-        if !shared.track {
+        if !ctx.track {
             return false;
         }
-        let Some(id) = MsgId::read(uuid).filter(|id| id.run == shared.run) else {
+        let Some(id) = MsgId::read(uuid).filter(|id| id.run == ctx.run) else {
             self.foreign += 1;
             return false;
         };
         let socket = u64::from(id.socket);
-        let (room_index, member) = (socket / shared.members, socket % shared.members);
-        if room_index != u64::from(me.room_index) || member >= shared.senders || id.seq >= shared.messages {
+        let (room_index, member) = (socket / ctx.members, socket % ctx.members);
+        if room_index != u64::from(me.room_index) || member >= ctx.senders || id.seq >= ctx.messages {
             self.foreign += 1;
             return false;
         }
@@ -166,7 +166,7 @@ impl Received {
         }
         match bit_test_and_set(
             &mut self.got,
-            member * words_per_sender(shared.messages) * 64 + id.seq,
+            member * words_per_sender(ctx.messages) * 64 + id.seq,
         ) {
             Some(false) => {}
             Some(true) => {

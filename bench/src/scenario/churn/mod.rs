@@ -34,7 +34,7 @@ use crate::progress::{self, Phase};
 use crate::report::Report;
 use crate::scenario::ConnectStats;
 use crate::setup::Api;
-use crate::socket::{words_per_sender, Role, SendPlan, Shared};
+use crate::socket::{words_per_sender, Role, RunContext, SendPlan};
 
 /// Unacknowledged messages a room's sender keeps in flight at most.
 const WINDOW: u32 = 64;
@@ -62,9 +62,9 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let phase = Phase::default();
-    let shared = Arc::new(shared(sizes));
+    let ctx = Arc::new(context(sizes));
     let progress_done = CancellationToken::new();
-    progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
+    progress::spawn(ctx.clone(), phase.clone(), progress_done.clone(), common.quiet);
 
     phase.set("connect");
     let plan = Plan {
@@ -80,12 +80,12 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
         },
         tokens,
         room_ids,
-        shared,
+        ctx,
         deadline: tokio::time::Instant::now() + common.duration,
     };
     let mut population = Population::new(args.sockets as usize);
     let connect = population.open(&plan).await;
-    plan.shared
+    plan.ctx
         .senders_left
         .store(connect.opened_senders, Ordering::Release);
     let open_at_start = connect.opened - connect.opened_senders;
@@ -94,7 +94,7 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
     phase.set("churn");
     let cpu_start = CpuMark::now(common.pid)?;
     let start_ns = plan.now_ns();
-    plan.shared.start.cancel();
+    plan.ctx.start.cancel();
     let started_at = tokio::time::Instant::now();
     let planned_end = started_at + Duration::from_secs(args.seconds);
     let until = planned_end.min(plan.deadline);
@@ -121,7 +121,7 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
     }
 
     phase.set("close");
-    let survivors = population.close(&plan.shared).await;
+    let survivors = population.close(&plan.ctx).await;
     progress_done.cancel();
     result.open_at_end = survivors.len() as u64;
     for sender in &population.senders {
@@ -211,11 +211,11 @@ async fn set_up(common: &Common, api: &Api, sizes: Sizes) -> Result<(Vec<Arc<str
     Ok((tokens, room_ids))
 }
 
-/// What every socket task shares. One sender per room with socket index = room index, so
+/// The run's context. One sender per room with socket index = room index, so
 /// `members = senders = 1` makes the receivers attribute every delivery to its room and track
 /// it in a bitmap of `per_room` bits.
-fn shared(sizes: Sizes) -> Shared {
-    Shared::new(1, u64::from(sizes.rooms > 0), sizes.per_room, sizes.rooms > 0)
+fn context(sizes: Sizes) -> RunContext {
+    RunContext::new(1, u64::from(sizes.rooms > 0), sizes.per_room, sizes.rooms > 0)
 }
 
 /// What the run's phases share once the accounts and rooms exist.
@@ -230,7 +230,7 @@ struct Plan<'a> {
     tokens: Vec<Arc<str>>,
     /// Room `i`'s id on the server.
     room_ids: Vec<u64>,
-    shared: Arc<Shared>,
+    ctx: Arc<RunContext>,
     /// --duration from the first connect: the whole run ends by then.
     deadline: tokio::time::Instant,
 }
@@ -238,7 +238,7 @@ struct Plan<'a> {
 impl Plan<'_> {
     /// Nanoseconds since the run's epoch.
     fn now_ns(&self) -> u64 {
-        self.shared.epoch.elapsed().as_nanos() as u64
+        self.ctx.epoch.elapsed().as_nanos() as u64
     }
 
     /// The room of population socket `slot`: its user's.
