@@ -20,7 +20,7 @@ use crate::wire::{self, Frame, Server, WireError, WriteBuf, OP_PONG, OP_TEXT};
 mod stats;
 
 use stats::*;
-pub(crate) use stats::{words_per_sender, Outcome, Received, ReceivedTotals, Sent};
+pub(crate) use stats::{words_per_sender, Outcome, Received, ReceivedTotals, Sent, SentTotals};
 
 /// Running totals over all sockets, read by the progress line and the coordinator.
 #[derive(Debug, Default)]

@@ -19,6 +19,7 @@ use crate::connect::{self, Dial};
 use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, Phase};
 use crate::report::{bytes, Report};
+use crate::scenario::Measured;
 use crate::setup::Api;
 use crate::socket::{Role, RunContext};
 
@@ -97,11 +98,10 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         "setup: {users} users, {rooms} rooms (prefix {}) on {}",
         api.prefix, target.addr
     );
-    let setup_started = Instant::now();
-    let (accounts, _) = tokio::time::timeout(common.setup_timeout, api.accounts_in_rooms(users, rooms))
-        .await
-        .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
-    let setup_secs = setup_started.elapsed().as_secs_f64();
+    let mut measured = Measured::default();
+    let (accounts, _) = measured
+        .set_up(common, api.accounts_in_rooms(users, rooms))
+        .await?;
 
     let phase = Phase::default();
     let ctx = Arc::new(RunContext::new(1, 0, 0, false));
@@ -140,6 +140,7 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         deadline,
     )
     .await;
+    measured.connect = connect;
 
     phase.set("settle");
     let rss_after = procfs::settle_rss(pid, args.settle_timeout).await?;
@@ -152,11 +153,11 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
     tokio::time::sleep_until(hold_until).await;
     let held_secs = hold_started.elapsed().as_secs_f64();
     let open_at_end = ctx.counters.open.load(Ordering::Relaxed);
-    let cpu_end = CpuMark::now(Some(pid))?;
+    measured.cpu = cpu_start.usage_until(&CpuMark::now(Some(pid))?);
 
     phase.set("close");
     ctx.stop.cancel();
-    let (outcomes, task_failures) = super::collect(handles).await;
+    let outcomes = measured.collect(handles).await;
     phase.set("settle");
     let rss_after_close = procfs::settle_rss(pid, args.settle_timeout).await?;
     progress_done.cancel();
@@ -174,17 +175,7 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         "connect_concurrency": common.connect_concurrency,
         "threads": common.threads,
     });
-    let mut report = Report::new(
-        "idle",
-        common,
-        api.prefix.clone(),
-        params,
-        setup_secs,
-        connect,
-        cpu_start.usage_until(&cpu_end),
-        super::tally_ends(&outcomes),
-        task_failures,
-    );
+    let mut report = Report::new("idle", common, api.prefix.clone(), params, measured);
     report.idle = Some(IdleResult {
         sockets: open,
         users,
