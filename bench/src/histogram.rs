@@ -4,6 +4,8 @@
 //! Each socket task owns its own histograms (no sharing on the hot path); they are merged once
 //! at the end.
 
+use std::fmt;
+
 use serde::Serialize;
 
 /// Sub-buckets per power of two (2^SUB_BITS).
@@ -53,6 +55,21 @@ pub(crate) struct Summary {
     pub(crate) p99_us: f64,
     pub(crate) p999_us: f64,
     pub(crate) max_us: f64,
+}
+
+impl fmt::Display for Summary {
+    /// `p50 0.123 ms  p99 0.456 ms  p99.9 0.789 ms  max 1.234 ms`, for the human summaries.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |us: f64| us / 1000.0;
+        write!(
+            f,
+            "p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+            ms(self.p50_us),
+            ms(self.p99_us),
+            ms(self.p999_us),
+            ms(self.max_us)
+        )
+    }
 }
 
 impl Histogram {

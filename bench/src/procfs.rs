@@ -124,8 +124,8 @@ pub(crate) struct CpuMark {
     machine: f64,
 }
 
-/// CPU used over an interval.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// CPU used over an interval (all zero until measured).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(crate) struct CpuUsage {
     /// Wall-clock length of the interval in seconds.
     pub(crate) wall_secs: f64,

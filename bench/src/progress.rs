@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::socket::Shared;
+use crate::socket::RunContext;
 
 /// The phase shown on the progress line.
 #[derive(Debug, Clone, Default)]
@@ -27,7 +27,7 @@ impl Phase {
 }
 
 /// Prints the progress line every second until `done` is cancelled (nothing if `quiet`).
-pub(crate) fn spawn(shared: Arc<Shared>, phase: Phase, done: CancellationToken, quiet: bool) {
+pub(crate) fn spawn(ctx: Arc<RunContext>, phase: Phase, done: CancellationToken, quiet: bool) {
     if quiet {
         return;
     }
@@ -44,7 +44,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, phase: Phase, done: CancellationToken, 
                 _ = done.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let counters = &shared.counters;
+            let counters = &ctx.counters;
             let recv = counters.recv.load(Ordering::Relaxed);
             let now = Instant::now();
             let rate = (recv - last_recv) as f64 / now.duration_since(last_at).as_secs_f64().max(1e-3);

@@ -8,11 +8,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::Common;
-use crate::procfs::CpuUsage;
 use crate::scenario::churn::ChurnResult;
 use crate::scenario::fanout::FanoutResult;
 use crate::scenario::idle::IdleResult;
-use crate::scenario::ConnectStats;
+use crate::scenario::Measured;
 
 /// Everything a run measured.
 #[derive(Debug, Serialize)]
@@ -29,16 +28,9 @@ pub(crate) struct Report {
     pub(crate) prefix: String,
     /// The scenario's parameters.
     pub(crate) params: serde_json::Value,
-    /// Seconds spent registering users, logging in, creating and joining rooms.
-    pub(crate) setup_secs: f64,
-    /// How opening the sockets went.
-    pub(crate) connect: ConnectStats,
-    /// CPU time of the bench and the server over the measured interval.
-    pub(crate) cpu: CpuUsage,
-    /// Sockets per end reason (`stopped` is the normal end).
-    pub(crate) socket_ends: BTreeMap<String, u64>,
-    /// Socket tasks that panicked (a bench bug).
-    pub(crate) task_failures: Vec<String>,
+    /// What every scenario measures: setup, connects, CPU, socket ends and task failures.
+    #[serde(flatten)]
+    pub(crate) measured: Measured,
     /// The `idle` results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) idle: Option<IdleResult>,
@@ -104,80 +96,49 @@ pub(crate) fn bytes(value: f64) -> String {
 }
 
 impl Report {
-    /// The report of a `scenario` run with what every scenario measures, its generic problems
-    /// noted (see [`Report::note_common_problems`]); the scenario adds its own results.
-    #[allow(clippy::too_many_arguments)]
+    /// The report of a `scenario` run with what every scenario measures and the problems that
+    /// shows (see [`Measured::note_problems`]); the scenario adds its own results.
     pub(crate) fn new(
         scenario: &'static str,
         common: &Common,
         prefix: String,
         params: serde_json::Value,
-        setup_secs: f64,
-        connect: ConnectStats,
-        cpu: CpuUsage,
-        socket_ends: BTreeMap<String, u64>,
-        task_failures: Vec<String>,
+        measured: Measured,
     ) -> Report {
-        let mut report = Report {
+        let mut problems = Vec::new();
+        measured.note_problems(&mut problems);
+        Report {
             tool: format!("chatoy-bench {}", env!("CARGO_PKG_VERSION")),
             scenario,
             url: common.url.to_string(),
             server_pid: common.pid,
             prefix,
             params,
-            setup_secs,
-            connect,
-            cpu,
-            socket_ends,
-            task_failures,
+            measured,
             idle: None,
             fanout: None,
             churn: None,
-            problems: Vec::new(),
-        };
-        report.note_common_problems();
-        report
-    }
-
-    /// Collects the generic problems (connects, socket ends, panics) into `problems`.
-    pub(crate) fn note_common_problems(&mut self) {
-        if self.connect.failed > 0 {
-            self.problems.push(format!(
-                "{} of {} sockets could not be opened (first error: {})",
-                self.connect.failed,
-                self.connect.requested,
-                self.connect.first_error.as_deref().unwrap_or("deadline")
-            ));
-        }
-        for (end, count) in &self.socket_ends {
-            if end != "stopped" {
-                self.problems.push(format!("{count} sockets ended early: {end}"));
-            }
-        }
-        for failure in &self.task_failures {
-            self.problems.push(format!("socket task failed: {failure}"));
-        }
-        if self.cpu.others_cores() > 0.25 {
-            self.problems.push(format!(
-                "other processes kept {:.2} cores busy during the measurement: the figures are skewed",
-                self.cpu.others_cores()
-            ));
+            problems,
         }
     }
 
     /// The human summary.
     pub(crate) fn summary(&self) -> String {
         let mut out = String::new();
+        let (measured, cpu) = (&self.measured, &self.measured.cpu);
         let _ = writeln!(
             out,
             "== {} {} against {} (prefix {})",
             self.tool, self.scenario, self.url, self.prefix
         );
-        let _ = writeln!(out, "setup          {:.1} s", self.setup_secs);
+        let _ = writeln!(out, "setup          {:.1} s", measured.setup_secs);
         let _ = writeln!(
             out,
             "connect        {} of {} sockets in {:.2} s ({:.0}/s)",
-            self.connect.opened, self.connect.requested, self.connect.secs, self.connect.per_sec
+            measured.connect.opened,
+            measured.connect.requested,
+            measured.connect.secs,
+            measured.connect.per_sec
         );
         if let Some(idle) = &self.idle {
             idle.summary(&mut out);
@@ -191,10 +152,10 @@ impl Report {
         let _ = write!(
             out,
             "cpu            bench {:.2} s ({:.2} cores)",
-            self.cpu.bench_cpu_secs,
-            self.cpu.bench_cores()
+            cpu.bench_cpu_secs,
+            cpu.bench_cores()
         );
-        match (self.cpu.server_cpu_secs, self.cpu.server_cores()) {
+        match (cpu.server_cpu_secs, cpu.server_cores()) {
             (Some(secs), Some(cores)) => {
                 let _ = write!(out, ", server {secs:.2} s ({cores:.2} cores)");
             }
@@ -205,12 +166,12 @@ impl Report {
         let _ = writeln!(
             out,
             ", other processes {:.2} s ({:.2} cores), over {:.2} s on {} cores",
-            self.cpu.others_cpu_secs,
-            self.cpu.others_cores(),
-            self.cpu.wall_secs,
-            self.cpu.cores
+            cpu.others_cpu_secs,
+            cpu.others_cores(),
+            cpu.wall_secs,
+            cpu.cores
         );
-        let ends: Vec<String> = self
+        let ends: Vec<String> = measured
             .socket_ends
             .iter()
             .map(|(end, n)| format!("{end} {n}"))

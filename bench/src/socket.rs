@@ -20,7 +20,7 @@ use crate::wire::{self, Frame, Server, WireError, WriteBuf, OP_PONG, OP_TEXT};
 mod stats;
 
 use stats::*;
-pub(crate) use stats::{words_per_sender, Outcome, Received, ReceivedTotals, Sent};
+pub(crate) use stats::{words_per_sender, Outcome, Received, ReceivedTotals, Sent, SentTotals};
 
 /// Running totals over all sockets, read by the progress line and the coordinator.
 #[derive(Debug, Default)]
@@ -37,9 +37,11 @@ pub(crate) struct Counters {
     pub(crate) fresh: AtomicU64,
 }
 
-/// What every socket task of a run shares.
+/// A run's context, shared by its coordinator and every socket task: the run's identity (epoch
+/// and uuid tag), the rooms' shape the receivers attribute deliveries by, the start and stop
+/// signals, and the running counters the coordinator and the progress line read.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub(crate) struct RunContext {
     /// The run's epoch: send instants are nanoseconds since it.
     pub(crate) epoch: Instant,
     /// The run's random tag, the first 32 bits of every uuid.
@@ -67,11 +69,11 @@ pub(crate) struct Shared {
     pub(crate) sender_done: Notify,
 }
 
-impl Shared {
-    /// A run's shared state, its epoch now: rooms of `members` sockets, the first `senders` of
+impl RunContext {
+    /// A run's context, its epoch now: rooms of `members` sockets, the first `senders` of
     /// which send `messages` each; receivers record every delivery if `track`.
-    pub(crate) fn new(members: u64, senders: u64, messages: u64, track: bool) -> Shared {
-        Shared {
+    pub(crate) fn new(members: u64, senders: u64, messages: u64, track: bool) -> RunContext {
+        RunContext {
             epoch: Instant::now(),
             run: rand::random(),
             members,
@@ -202,7 +204,7 @@ impl Sender {
     fn fill(
         &mut self,
         out: &mut WriteBuf,
-        shared: &Shared,
+        ctx: &RunContext,
         me: &Role,
         now: Instant,
     ) -> (u64, Option<Instant>) {
@@ -218,12 +220,12 @@ impl Sender {
             let seq = self.next;
             let mut uuid = [0u8; 36];
             MsgId {
-                run: shared.run,
+                run: ctx.run,
                 socket: me.global,
                 seq,
             }
             .write(&mut uuid);
-            let now_ns = shared.now_ns();
+            let now_ns = ctx.now_ns();
             self.template[self.uuid_at..self.uuid_at + 36].copy_from_slice(&uuid);
             let digits = format_hex16(now_ns);
             self.template[self.text_at..self.text_at + 16].copy_from_slice(&digits);
@@ -244,15 +246,15 @@ impl Sender {
 
     fn on_ack(
         &mut self,
-        shared: &Shared,
+        ctx: &RunContext,
         me: &Role,
         code: u64,
         uuid: &[u8],
         now: Instant,
         now_ns: u64,
     ) -> bool {
-        let Some(id) = MsgId::read(uuid)
-            .filter(|id| id.run == shared.run && id.socket == me.global && id.seq < self.next)
+        let Some(id) =
+            MsgId::read(uuid).filter(|id| id.run == ctx.run && id.socket == me.global && id.seq < self.next)
         else {
             self.stats.bad_acks += 1;
             return false;
@@ -291,12 +293,11 @@ impl Sender {
     }
 
     /// Tells the coordinator this sender is done and how many deliveries it is owed.
-    fn report_finished(&self, shared: &Shared) {
-        shared
-            .expected
-            .fetch_add(self.stats.codes[0] * (shared.members - 1), Ordering::AcqRel);
-        shared.senders_left.fetch_sub(1, Ordering::AcqRel);
-        shared.sender_done.notify_one();
+    fn report_finished(&self, ctx: &RunContext) {
+        ctx.expected
+            .fetch_add(self.stats.codes[0] * (ctx.members - 1), Ordering::AcqRel);
+        ctx.senders_left.fetch_sub(1, Ordering::AcqRel);
+        ctx.sender_done.notify_one();
     }
 
     fn into_stats(mut self) -> Sent {
@@ -323,25 +324,25 @@ struct Batch {
 }
 
 /// Runs one socket until the run stops it or the connection ends.
-pub(crate) async fn drive(conn: Conn, role: Role, shared: Arc<Shared>) -> Outcome {
-    let stop = shared.stop.clone();
-    drive_until(conn, role, shared, stop).await
+pub(crate) async fn drive(conn: Conn, role: Role, ctx: Arc<RunContext>) -> Outcome {
+    let stop = ctx.stop.clone();
+    drive_until(conn, role, ctx, stop).await
 }
 
-/// [`drive`], stopped by `stop` (for a socket closed on its own, a child of `shared.stop`).
+/// [`drive`], stopped by `stop` (for a socket closed on its own, a child of `ctx.stop`).
 pub(crate) async fn drive_until(
     mut conn: Conn,
     role: Role,
-    shared: Arc<Shared>,
+    ctx: Arc<RunContext>,
     stop: CancellationToken,
 ) -> Outcome {
-    shared.counters.open.fetch_add(1, Ordering::Relaxed);
-    let mut received = Received::new(&shared);
+    ctx.counters.open.fetch_add(1, Ordering::Relaxed);
+    let mut received = Received::new(&ctx);
     let mut sender = role
         .send
-        .map(|plan| Sender::new(plan, role.room_id, shared.messages, role.global));
-    let mut started = shared.start.is_cancelled();
-    let start = shared.start.cancelled();
+        .map(|plan| Sender::new(plan, role.room_id, ctx.messages, role.global));
+    let mut started = ctx.start.is_cancelled();
+    let start = ctx.start.cancelled();
     let stop = stop.cancelled();
     let pace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(start, stop, pace);
@@ -356,15 +357,15 @@ pub(crate) async fn drive_until(
     let end = loop {
         if let Some(active) = sender.as_mut().filter(|s| started && !s.finished) {
             let now = Instant::now();
-            let (written, due) = active.fill(&mut conn.writer, &shared, &role, now);
-            shared.counters.sent.fetch_add(written, Ordering::Relaxed);
+            let (written, due) = active.fill(&mut conn.writer, &ctx, &role, now);
+            ctx.counters.sent.fetch_add(written, Ordering::Relaxed);
             pace_armed = false;
             if let Some(due) = due {
                 pace.as_mut().reset(due.into());
                 pace_armed = true;
             }
             if active.check_done(now) {
-                active.report_finished(&shared);
+                active.report_finished(&ctx);
             }
         }
         if !conn.writer.buf.is_empty() {
@@ -385,10 +386,10 @@ pub(crate) async fn drive_until(
                     Err(_) => break End::Io,
                 }
                 let now = Instant::now();
-                let now_ns = shared.now_ns();
+                let now_ns = ctx.now_ns();
                 let mut batch = Batch::default();
-                let outcome = read_frames(&mut conn, &shared, &role, &mut received, sender.as_mut(), &mut batch, now, now_ns);
-                let counters = &shared.counters;
+                let outcome = read_frames(&mut conn, &ctx, &role, &mut received, sender.as_mut(), &mut batch, now, now_ns);
+                let counters = &ctx.counters;
                 if batch.recv > 0 {
                     counters.recv.fetch_add(batch.recv, Ordering::Relaxed);
                 }
@@ -409,7 +410,7 @@ pub(crate) async fn drive_until(
     if let Some(active) = sender.as_mut().filter(|s| !s.finished && end != End::Stopped) {
         // The connection died: this sender is done, with what it has.
         active.finished = true;
-        active.report_finished(&shared);
+        active.report_finished(&ctx);
     }
     if end == End::Stopped {
         // A polite close; the server's answer is not awaited.
@@ -418,7 +419,7 @@ pub(crate) async fn drive_until(
         let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.write_all(&conn.writer.buf)).await;
     }
     drop(conn);
-    shared.counters.open.fetch_sub(1, Ordering::Relaxed);
+    ctx.counters.open.fetch_sub(1, Ordering::Relaxed);
     Outcome {
         role,
         end,
@@ -432,7 +433,7 @@ pub(crate) async fn drive_until(
 #[inline]
 fn read_frames(
     conn: &mut Conn,
-    shared: &Shared,
+    ctx: &RunContext,
     role: &Role,
     received: &mut Received,
     mut sender: Option<&mut Sender>,
@@ -452,13 +453,13 @@ fn read_frames(
             Frame::Text(payload) => match wire::classify(payload) {
                 Server::Recv { uuid, text, sent } => {
                     batch.recv += 1;
-                    if received.on_recv(shared, role, uuid, text, sent, now_ns) {
+                    if received.on_recv(ctx, role, uuid, text, sent, now_ns) {
                         batch.fresh += 1;
                     }
                 }
                 Server::Send { code, uuid } => match sender.as_deref_mut() {
                     Some(sender) => {
-                        if sender.on_ack(shared, role, code, uuid, now, now_ns) {
+                        if sender.on_ack(ctx, role, code, uuid, now, now_ns) {
                             batch.acked += 1;
                         }
                     }

@@ -19,8 +19,9 @@ use crate::connect::{self, Dial};
 use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, Phase};
 use crate::report::{bytes, Report};
+use crate::scenario::Measured;
 use crate::setup::Api;
-use crate::socket::{Role, Shared};
+use crate::socket::{Role, RunContext};
 
 /// The `idle` results.
 #[derive(Debug, Clone, Serialize)]
@@ -97,16 +98,15 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         "setup: {users} users, {rooms} rooms (prefix {}) on {}",
         api.prefix, target.addr
     );
-    let setup_started = Instant::now();
-    let (accounts, _) = tokio::time::timeout(common.setup_timeout, api.accounts_in_rooms(users, rooms))
-        .await
-        .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
-    let setup_secs = setup_started.elapsed().as_secs_f64();
+    let mut measured = Measured::default();
+    let (accounts, _) = measured
+        .set_up(common, api.accounts_in_rooms(users, rooms))
+        .await?;
 
     let phase = Phase::default();
-    let shared = Arc::new(Shared::new(1, 0, 0, false));
+    let ctx = Arc::new(RunContext::new(1, 0, 0, false));
     let progress_done = CancellationToken::new();
-    progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
+    progress::spawn(ctx.clone(), phase.clone(), progress_done.clone(), common.quiet);
 
     phase.set("settle");
     eprintln!("waiting for the server's RSS to settle before connecting");
@@ -136,14 +136,15 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
             };
             (account.token.as_str(), role)
         },
-        &shared,
+        &ctx,
         deadline,
     )
     .await;
+    measured.connect = connect;
 
     phase.set("settle");
     let rss_after = procfs::settle_rss(pid, args.settle_timeout).await?;
-    let open = shared.counters.open.load(Ordering::Relaxed);
+    let open = ctx.counters.open.load(Ordering::Relaxed);
     let bytes_per_socket = (rss_after.rss_bytes as f64 - rss_before.rss_bytes as f64) / open.max(1) as f64;
 
     phase.set("hold");
@@ -151,12 +152,12 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
     let hold_started = Instant::now();
     tokio::time::sleep_until(hold_until).await;
     let held_secs = hold_started.elapsed().as_secs_f64();
-    let open_at_end = shared.counters.open.load(Ordering::Relaxed);
-    let cpu_end = CpuMark::now(Some(pid))?;
+    let open_at_end = ctx.counters.open.load(Ordering::Relaxed);
+    measured.cpu = cpu_start.usage_until(&CpuMark::now(Some(pid))?);
 
     phase.set("close");
-    shared.stop.cancel();
-    let (outcomes, task_failures) = super::collect(handles).await;
+    ctx.stop.cancel();
+    let outcomes = measured.collect(handles).await;
     phase.set("settle");
     let rss_after_close = procfs::settle_rss(pid, args.settle_timeout).await?;
     progress_done.cancel();
@@ -174,17 +175,7 @@ pub(crate) async fn run(common: &Common, args: &IdleArgs) -> Result<Report> {
         "connect_concurrency": common.connect_concurrency,
         "threads": common.threads,
     });
-    let mut report = Report::new(
-        "idle",
-        common,
-        api.prefix.clone(),
-        params,
-        setup_secs,
-        connect,
-        cpu_start.usage_until(&cpu_end),
-        super::tally_ends(&outcomes),
-        task_failures,
-    );
+    let mut report = Report::new("idle", common, api.prefix.clone(), params, measured);
     report.idle = Some(IdleResult {
         sockets: open,
         users,

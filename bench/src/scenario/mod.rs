@@ -1,21 +1,25 @@
-//! What the scenarios share: opening many sockets with bounded concurrency, and collecting the
-//! socket tasks' outcomes.
+//! What the scenarios share: opening many sockets with bounded concurrency, collecting the socket
+//! tasks' outcomes, and what every scenario measures (`Measured`). `accounting.rs` is the message accounting of `fanout` and `churn`.
 
+pub(crate) mod accounting;
 pub(crate) mod churn;
 pub(crate) mod fanout;
 pub(crate) mod idle;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::{anyhow, Result};
 use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::cli::Common;
 use crate::connect::{self, Conn, Dial, Target};
-use crate::socket::{self, End, Outcome, Role, Shared};
+use crate::procfs::CpuUsage;
+use crate::socket::{self, End, Outcome, Role, RunContext};
 
 /// How opening the sockets went.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -47,12 +51,12 @@ pub(crate) async fn open_all<'a>(
     dial: Dial,
     count: u64,
     plan: impl Fn(u64) -> (&'a str, Role),
-    shared: &Arc<Shared>,
+    ctx: &Arc<RunContext>,
     deadline: tokio::time::Instant,
 ) -> (Vec<JoinHandle<Outcome>>, ConnectStats) {
     let mut handles = Vec::with_capacity(count as usize);
     let stats = open_each(common, target, dial, count, plan, deadline, |_, conn, role| {
-        handles.push(tokio::spawn(socket::drive(conn, role, shared.clone())));
+        handles.push(tokio::spawn(socket::drive(conn, role, ctx.clone())));
     })
     .await;
     (handles, stats)
@@ -113,26 +117,79 @@ pub(crate) async fn open_each<'a>(
     stats
 }
 
-/// Waits for every socket task; a task that panicked is reported as an error string.
-pub(crate) async fn collect(handles: Vec<JoinHandle<Outcome>>) -> (Vec<Outcome>, Vec<String>) {
-    let mut outcomes = Vec::with_capacity(handles.len());
-    let mut failures = Vec::new();
-    for handle in handles {
-        match handle.await {
-            Ok(outcome) => outcomes.push(outcome),
-            Err(err) => failures.push(err.to_string()),
-        }
-    }
-    (outcomes, failures)
+/// What every scenario measures besides its own results, filled in phase by phase: the setup,
+/// the connects, the CPU over the measured interval and how the socket tasks ended.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Measured {
+    /// Seconds spent registering users, logging in, creating and joining rooms.
+    pub(crate) setup_secs: f64,
+    /// How opening the sockets went.
+    pub(crate) connect: ConnectStats,
+    /// CPU time of the bench and the server over the measured interval.
+    pub(crate) cpu: CpuUsage,
+    /// Sockets per end reason (`stopped` is the normal end).
+    pub(crate) socket_ends: BTreeMap<String, u64>,
+    /// Socket tasks that panicked (a bench bug).
+    pub(crate) task_failures: Vec<String>,
 }
 
-/// How many sockets ended for each reason.
-pub(crate) fn tally_ends(outcomes: &[Outcome]) -> BTreeMap<String, u64> {
-    let mut ends = BTreeMap::new();
-    for outcome in outcomes {
-        *ends.entry(end_key(outcome.end)).or_insert(0) += 1;
+impl Measured {
+    /// Runs the scenario's `setup` (users, logins, rooms) within --setup-timeout and times it.
+    pub(crate) async fn set_up<T>(
+        &mut self,
+        common: &Common,
+        setup: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let value = tokio::time::timeout(common.setup_timeout, setup)
+            .await
+            .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
+        self.setup_secs = started.elapsed().as_secs_f64();
+        Ok(value)
     }
-    ends
+
+    /// Waits for every socket task (told to stop) and counts how they ended; returns the
+    /// outcomes. A task that panicked is counted as a task failure.
+    pub(crate) async fn collect(&mut self, handles: Vec<JoinHandle<Outcome>>) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(handles.len());
+        for handle in handles {
+            match handle.await {
+                Ok(outcome) => {
+                    *self.socket_ends.entry(end_key(outcome.end)).or_insert(0) += 1;
+                    outcomes.push(outcome);
+                }
+                Err(err) => self.task_failures.push(err.to_string()),
+            }
+        }
+        outcomes
+    }
+
+    /// Adds the problems every scenario can have: sockets that could not be opened or ended
+    /// early, socket tasks that panicked, and other processes busy enough to skew the figures.
+    pub(crate) fn note_problems(&self, problems: &mut Vec<String>) {
+        if self.connect.failed > 0 {
+            problems.push(format!(
+                "{} of {} sockets could not be opened (first error: {})",
+                self.connect.failed,
+                self.connect.requested,
+                self.connect.first_error.as_deref().unwrap_or("deadline")
+            ));
+        }
+        for (end, count) in &self.socket_ends {
+            if end != "stopped" {
+                problems.push(format!("{count} sockets ended early: {end}"));
+            }
+        }
+        for failure in &self.task_failures {
+            problems.push(format!("socket task failed: {failure}"));
+        }
+        if self.cpu.others_cores() > 0.25 {
+            problems.push(format!(
+                "other processes kept {:.2} cores busy during the measurement: the figures are skewed",
+                self.cpu.others_cores()
+            ));
+        }
+    }
 }
 
 /// The report's name of a socket's end reason (`stopped` is the normal end).

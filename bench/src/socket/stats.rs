@@ -98,6 +98,62 @@ pub(crate) struct Sent {
     pub(crate) last_ack_ns: u64,
 }
 
+/// What many senders sent, added up (see [`Sent`]).
+#[derive(Debug, Default)]
+pub(crate) struct SentTotals {
+    /// Messages each sender was to send: those it never wrote count as unacked.
+    messages: u64,
+    /// Senders added.
+    pub(crate) senders: u64,
+    /// `msg` frames written.
+    pub(crate) sent: u64,
+    /// Acks received (any code).
+    pub(crate) acked: u64,
+    /// Acks by code (7 = 7 or above).
+    pub(crate) codes: [u64; 8],
+    /// Messages unacknowledged when their sender finished, or never written.
+    pub(crate) unacked: u64,
+    /// Senders that gave up waiting for acks (--ack-timeout).
+    pub(crate) timed_out: u64,
+    /// Acks naming a uuid their sender did not send, or a message already acked.
+    pub(crate) bad_acks: u64,
+    /// Latency of code-0 acks.
+    pub(crate) ack: Histogram,
+    /// When the last ack arrived (ns since the epoch); 0 if none did.
+    pub(crate) last_ack_ns: u64,
+}
+
+impl SentTotals {
+    /// No sender yet; each is to send `messages`.
+    pub(crate) fn new(messages: u64) -> SentTotals {
+        SentTotals {
+            messages,
+            ..SentTotals::default()
+        }
+    }
+
+    /// Adds one sender's.
+    pub(crate) fn add(&mut self, sent: &Sent) {
+        self.senders += 1;
+        self.sent += sent.sent;
+        self.acked += sent.acked;
+        for (all, code) in self.codes.iter_mut().zip(sent.codes) {
+            *all += code;
+        }
+        self.unacked += sent.unacked + self.messages.saturating_sub(sent.sent);
+        self.timed_out += u64::from(sent.timed_out);
+        self.bad_acks += sent.bad_acks + sent.duplicate_acks;
+        self.ack.merge(&sent.ack);
+        self.last_ack_ns = self.last_ack_ns.max(sent.last_ack_ns);
+    }
+
+    /// Messages of `planned` senders never acknowledged: the added senders' unacked ones and
+    /// every message of the senders that never reported (their socket never opened).
+    pub(crate) fn unacked_of(&self, planned: u64) -> u64 {
+        self.unacked + planned.saturating_sub(self.senders) * self.messages
+    }
+}
+
 /// A finished socket task's report.
 #[derive(Debug)]
 pub(crate) struct Outcome {
@@ -126,11 +182,11 @@ pub(super) fn bit_test_and_set(bits: &mut [u64], index: u64) -> Option<bool> {
 }
 
 impl Received {
-    pub(super) fn new(shared: &Shared) -> Received {
+    pub(super) fn new(ctx: &RunContext) -> Received {
         let mut received = Received::default();
-        if shared.track {
-            received.got = vec![0; (shared.senders * words_per_sender(shared.messages)) as usize];
-            received.last_seq = vec![u64::MAX; shared.senders as usize];
+        if ctx.track {
+            received.got = vec![0; (ctx.senders * words_per_sender(ctx.messages)) as usize];
+            received.last_seq = vec![u64::MAX; ctx.senders as usize];
         }
         received
     }
@@ -139,7 +195,7 @@ impl Received {
     #[inline]
     pub(super) fn on_recv(
         &mut self,
-        shared: &Shared,
+        ctx: &RunContext,
         me: &Role,
         uuid: &[u8],
         text: &[u8],
@@ -148,16 +204,16 @@ impl Received {
     ) -> bool {
         self.frames += 1;
         self.last_ns = now_ns;
-        if !shared.track {
+        if !ctx.track {
             return false;
         }
-        let Some(id) = MsgId::read(uuid).filter(|id| id.run == shared.run) else {
+        let Some(id) = MsgId::read(uuid).filter(|id| id.run == ctx.run) else {
             self.foreign += 1;
             return false;
         };
         let socket = u64::from(id.socket);
-        let (room_index, member) = (socket / shared.members, socket % shared.members);
-        if room_index != u64::from(me.room_index) || member >= shared.senders || id.seq >= shared.messages {
+        let (room_index, member) = (socket / ctx.members, socket % ctx.members);
+        if room_index != u64::from(me.room_index) || member >= ctx.senders || id.seq >= ctx.messages {
             self.foreign += 1;
             return false;
         }
@@ -166,7 +222,7 @@ impl Received {
         }
         match bit_test_and_set(
             &mut self.got,
-            member * words_per_sender(shared.messages) * 64 + id.seq,
+            member * words_per_sender(ctx.messages) * 64 + id.seq,
         ) {
             Some(false) => {}
             Some(true) => {

@@ -15,7 +15,7 @@ mod result;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
@@ -29,12 +29,12 @@ use self::result::note_problems;
 use crate::cli::{ChurnArgs, Common, Pick, MAX_TOTAL_MESSAGES};
 use crate::connect::{self, Dial, Target};
 use crate::ids;
-use crate::procfs::{self, CpuMark, CpuUsage, Settled};
+use crate::procfs::{self, CpuMark, Settled};
 use crate::progress::{self, Phase};
 use crate::report::Report;
-use crate::scenario::ConnectStats;
+use crate::scenario::Measured;
 use crate::setup::Api;
-use crate::socket::{words_per_sender, Role, SendPlan, Shared};
+use crate::socket::{words_per_sender, Role, RunContext, SendPlan};
 
 /// Unacknowledged messages a room's sender keeps in flight at most.
 const WINDOW: u32 = 64;
@@ -57,14 +57,13 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
         "setup: {} users, {} rooms (prefix {}) on {}",
         sizes.users, sizes.rooms, api.prefix, target.addr
     );
-    let setup_started = Instant::now();
-    let (tokens, room_ids) = set_up(common, &api, sizes).await?;
-    let setup_secs = setup_started.elapsed().as_secs_f64();
+    let mut measured = Measured::default();
+    let (tokens, room_ids) = set_up(common, &api, sizes, &mut measured).await?;
 
     let phase = Phase::default();
-    let shared = Arc::new(shared(sizes));
+    let ctx = Arc::new(context(sizes));
     let progress_done = CancellationToken::new();
-    progress::spawn(shared.clone(), phase.clone(), progress_done.clone(), common.quiet);
+    progress::spawn(ctx.clone(), phase.clone(), progress_done.clone(), common.quiet);
 
     phase.set("connect");
     let plan = Plan {
@@ -80,21 +79,20 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
         },
         tokens,
         room_ids,
-        shared,
+        ctx,
         deadline: tokio::time::Instant::now() + common.duration,
     };
     let mut population = Population::new(args.sockets as usize);
-    let connect = population.open(&plan).await;
-    plan.shared
-        .senders_left
-        .store(connect.opened_senders, Ordering::Release);
-    let open_at_start = connect.opened - connect.opened_senders;
+    measured.connect = population.open(&plan).await;
+    let opened_senders = measured.connect.opened_senders;
+    plan.ctx.senders_left.store(opened_senders, Ordering::Release);
+    let open_at_start = measured.connect.opened - opened_senders;
     let rss_start = settle(common, args, &phase).await?;
 
     phase.set("churn");
     let cpu_start = CpuMark::now(common.pid)?;
     let start_ns = plan.now_ns();
-    plan.shared.start.cancel();
+    plan.ctx.start.cancel();
     let started_at = tokio::time::Instant::now();
     let planned_end = started_at + Duration::from_secs(args.seconds);
     let until = planned_end.min(plan.deadline);
@@ -115,13 +113,13 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
     if sizes.rooms > 0 {
         wait_for_deliveries(&plan, &mut result).await;
     }
-    let cpu_end = CpuMark::now(common.pid)?;
+    measured.cpu = cpu_start.usage_until(&CpuMark::now(common.pid)?);
     if let Some(end) = settle(common, args, &phase).await? {
         record_rss_end(&mut result, end);
     }
 
     phase.set("close");
-    let survivors = population.close(&plan.shared).await;
+    let survivors = population.close(&plan.ctx).await;
     progress_done.cancel();
     result.open_at_end = survivors.len() as u64;
     for sender in &population.senders {
@@ -140,16 +138,12 @@ pub(crate) async fn run(common: &Common, args: &ChurnArgs) -> Result<Report> {
         ));
     }
 
-    let cpu = cpu_start.usage_until(&cpu_end);
-    Ok(report(
-        &plan,
-        api.prefix,
-        setup_secs,
-        connect,
-        cpu,
-        &mut population,
-        result,
-    ))
+    measured.socket_ends = std::mem::take(&mut population.tally.ends);
+    measured.task_failures = std::mem::take(&mut population.task_failures);
+    let mut report = Report::new("churn", common, api.prefix, params(&plan), measured);
+    note_problems(&result, &mut report.problems);
+    report.churn = Some(result);
+    Ok(report)
 }
 
 /// The run's sizes, checked against the bench's limits before anything is set up.
@@ -200,22 +194,27 @@ impl Sizes {
 }
 
 /// Registers the users and logs them in, and creates the rooms: users 0..rooms own one room
-/// each; every other user joins room `user % rooms`. Returns the users' tokens and the rooms' ids.
-async fn set_up(common: &Common, api: &Api, sizes: Sizes) -> Result<(Vec<Arc<str>>, Vec<u64>)> {
+/// each; every other user joins room `user % rooms`, timed into `measured`. Returns the users'
+/// tokens and the rooms' ids.
+async fn set_up(
+    common: &Common,
+    api: &Api,
+    sizes: Sizes,
+    measured: &mut Measured,
+) -> Result<(Vec<Arc<str>>, Vec<u64>)> {
     let Sizes { users, rooms, .. } = sizes;
-    let (accounts, room_ids) =
-        tokio::time::timeout(common.setup_timeout, api.accounts_in_rooms(users, rooms))
-            .await
-            .map_err(|_| anyhow!("setup did not finish within --setup-timeout"))??;
+    let (accounts, room_ids) = measured
+        .set_up(common, api.accounts_in_rooms(users, rooms))
+        .await?;
     let tokens: Vec<Arc<str>> = accounts.into_iter().map(|a| Arc::from(a.token)).collect();
     Ok((tokens, room_ids))
 }
 
-/// What every socket task shares. One sender per room with socket index = room index, so
+/// The run's context. One sender per room with socket index = room index, so
 /// `members = senders = 1` makes the receivers attribute every delivery to its room and track
 /// it in a bitmap of `per_room` bits.
-fn shared(sizes: Sizes) -> Shared {
-    Shared::new(1, u64::from(sizes.rooms > 0), sizes.per_room, sizes.rooms > 0)
+fn context(sizes: Sizes) -> RunContext {
+    RunContext::new(1, u64::from(sizes.rooms > 0), sizes.per_room, sizes.rooms > 0)
 }
 
 /// What the run's phases share once the accounts and rooms exist.
@@ -230,7 +229,7 @@ struct Plan<'a> {
     tokens: Vec<Arc<str>>,
     /// Room `i`'s id on the server.
     room_ids: Vec<u64>,
-    shared: Arc<Shared>,
+    ctx: Arc<RunContext>,
     /// --duration from the first connect: the whole run ends by then.
     deadline: tokio::time::Instant,
 }
@@ -238,7 +237,7 @@ struct Plan<'a> {
 impl Plan<'_> {
     /// Nanoseconds since the run's epoch.
     fn now_ns(&self) -> u64 {
-        self.shared.epoch.elapsed().as_nanos() as u64
+        self.ctx.epoch.elapsed().as_nanos() as u64
     }
 
     /// The room of population socket `slot`: its user's.
@@ -323,30 +322,4 @@ fn params(plan: &Plan<'_>) -> serde_json::Value {
         "source_addrs": plan.target.sources.len(),
         "threads": common.threads,
     })
-}
-
-/// The run's report: what every scenario reports, the churn's results and the problems they show.
-fn report(
-    plan: &Plan<'_>,
-    prefix: String,
-    setup_secs: f64,
-    connect: ConnectStats,
-    cpu: CpuUsage,
-    population: &mut Population,
-    result: ChurnResult,
-) -> Report {
-    let mut report = Report::new(
-        "churn",
-        plan.common,
-        prefix,
-        params(plan),
-        setup_secs,
-        connect,
-        cpu,
-        population.tally.ends.clone(),
-        std::mem::take(&mut population.task_failures),
-    );
-    note_problems(&result, &mut report.problems);
-    report.churn = Some(result);
-    report
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connect::{self, Conn};
 use crate::histogram::Histogram;
 use crate::scenario::{open_each, ConnectStats};
-use crate::socket::{self, End, Outcome, Role, Shared};
+use crate::socket::{self, End, Outcome, Role, RunContext};
 
 use super::check::Tally;
 use super::picker::Picker;
@@ -119,7 +119,7 @@ impl Population {
             |index, conn, role| {
                 self.next_conn += 1;
                 let slot = if index < sockets { index as usize } else { SENDER };
-                let stop = plan.shared.stop.child_token();
+                let stop = plan.ctx.stop.child_token();
                 if slot != SENDER {
                     self.slots[slot].stop = stop.clone();
                     self.slots[slot].conn = self.next_conn;
@@ -129,16 +129,16 @@ impl Population {
                     conn: self.next_conn,
                     auth_ns: plan.now_ns(),
                 };
-                self.spawn(conn, role, &plan.shared, meta, stop);
+                self.spawn(conn, role, &plan.ctx, meta, stop);
             },
         )
         .await
     }
 
-    fn spawn(&mut self, conn: Conn, role: Role, shared: &Arc<Shared>, meta: Meta, stop: CancellationToken) {
-        let shared = shared.clone();
+    fn spawn(&mut self, conn: Conn, role: Role, ctx: &Arc<RunContext>, meta: Meta, stop: CancellationToken) {
+        let ctx = ctx.clone();
         self.tasks
-            .spawn(async move { (meta, socket::drive_until(conn, role, shared, stop).await) });
+            .spawn(async move { (meta, socket::drive_until(conn, role, ctx, stop).await) });
     }
 
     /// Replaces --rate sockets per second from `started_at` until `until`, at most
@@ -218,7 +218,7 @@ impl Population {
             Ok(conn) => {
                 self.latency.record(dialled.latency.as_nanos() as u64);
                 result.connected += 1;
-                let stop = plan.shared.stop.child_token();
+                let stop = plan.ctx.stop.child_token();
                 slot.stop = stop.clone();
                 slot.conn = dialled.conn;
                 let meta = Meta {
@@ -226,7 +226,7 @@ impl Population {
                     conn: dialled.conn,
                     auth_ns: plan.now_ns(),
                 };
-                self.spawn(conn, plan.receiver(dialled.slot as u64), &plan.shared, meta, stop);
+                self.spawn(conn, plan.receiver(dialled.slot as u64), &plan.ctx, meta, stop);
             }
             Err(err) => {
                 result.failed += 1;
@@ -266,8 +266,8 @@ impl Population {
 
     /// Stops every socket and collects the tasks; sockets still in their slot are the
     /// survivors, whose deliveries are checked.
-    pub(super) async fn close(&mut self, shared: &Shared) -> Vec<Survivor> {
-        shared.stop.cancel();
+    pub(super) async fn close(&mut self, ctx: &RunContext) -> Vec<Survivor> {
+        ctx.stop.cancel();
         let mut survivors: Vec<Survivor> = Vec::new();
         while let Some(ended) = self.tasks.join_next().await {
             match ended {
@@ -290,19 +290,19 @@ impl Population {
 /// Once the churn is over: waits for the senders to finish (about when the churn ends), then
 /// for the last deliveries, until no `recv` came for [`QUIET`] or --drain ran out.
 pub(super) async fn wait_for_deliveries(plan: &Plan<'_>, result: &mut ChurnResult) {
-    let shared = &plan.shared;
-    while shared.senders_left.load(Ordering::Acquire) > 0 {
+    let ctx = &plan.ctx;
+    while ctx.senders_left.load(Ordering::Acquire) > 0 {
         if tokio::time::Instant::now() >= plan.deadline {
             result.stopped_by_duration = true;
             break;
         }
         tokio::select! {
-            _ = shared.sender_done.notified() => {}
+            _ = ctx.sender_done.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
     let drain_until = (tokio::time::Instant::now() + plan.args.drain).min(plan.deadline);
-    let mut last = shared.counters.recv.load(Ordering::Relaxed);
+    let mut last = ctx.counters.recv.load(Ordering::Relaxed);
     let mut quiet_since = tokio::time::Instant::now();
     loop {
         let now = tokio::time::Instant::now();
@@ -310,7 +310,7 @@ pub(super) async fn wait_for_deliveries(plan: &Plan<'_>, result: &mut ChurnResul
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let recv = shared.counters.recv.load(Ordering::Relaxed);
+        let recv = ctx.counters.recv.load(Ordering::Relaxed);
         if recv != last {
             (last, quiet_since) = (recv, tokio::time::Instant::now());
         }

@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::histogram::Summary;
 use crate::procfs::Settled;
 use crate::progress::human_rate;
-use crate::report::{bytes, note_counts, refused_acks};
+use crate::report::bytes;
+use crate::scenario::accounting::Accounting;
 
 /// The `churn` results.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -70,47 +71,18 @@ pub(crate) struct ChurnMessages {
     pub(crate) msg_rate: f64,
     /// Messages each room's sender was to send: --msg-rate x --seconds.
     pub(crate) per_room: u64,
-    /// `msg` frames written.
-    pub(crate) sent: u64,
-    /// Acks received (any code).
-    pub(crate) acked: u64,
-    /// Acks by `send` code.
-    pub(crate) acks_by_code: BTreeMap<String, u64>,
-    /// Messages never acknowledged (or never sent).
-    pub(crate) unacked: u64,
-    /// Senders that gave up waiting for an ack (--ack-timeout).
-    pub(crate) senders_timed_out: u64,
-    /// From writing a `msg` frame to reading its code-0 `send`.
-    pub(crate) ack_latency: Summary,
-    /// `recv` frames received by every socket, churned ones included.
-    pub(crate) recv_frames: u64,
+    /// Sent, acked, received and checked. Deliveries are owed only to the checked sockets (see
+    /// `checked_sockets`), each every code-0 message of its room scheduled after its `auth`
+    /// answer; `recv_frames`, the delivery latency, duplicates and foreign deliveries count
+    /// every socket, churned ones included.
+    #[serde(flatten)]
+    pub(crate) accounting: Accounting,
     /// `recv_frames` / the churn's length.
     pub(crate) recv_per_sec: f64,
-    /// From writing a `msg` frame to reading its `recv` (first copies, every socket).
-    pub(crate) delivery_latency: Summary,
     /// Sockets open from their `auth` to the end, whose deliveries were checked.
     pub(crate) checked_sockets: u64,
-    /// Deliveries owed to the checked sockets: every code-0 message of the room scheduled
-    /// after the socket's `auth` answer.
-    pub(crate) expected: u64,
-    /// Owed deliveries that arrived.
-    pub(crate) delivered: u64,
-    /// Owed deliveries that never arrived.
-    pub(crate) lost: u64,
     /// Deliveries of code-0 messages scheduled before the socket's `auth` (allowed, not owed).
     pub(crate) unchecked: u64,
-    /// Deliveries of messages whose ack was not code 0 (checked sockets).
-    pub(crate) unexpected: u64,
-    /// Deliveries of a message the socket already had (every socket).
-    pub(crate) duplicates: u64,
-    /// Deliveries of messages this run did not send to that room (every socket).
-    pub(crate) foreign: u64,
-    /// Deliveries back to the sending socket.
-    pub(crate) echoed_to_sender: u64,
-    /// Deliveries that came after a later message of the same sender.
-    pub(crate) out_of_sender_order: u64,
-    /// Frames the bench could not read, plus unexpected `send`/`auth`/`error` frames.
-    pub(crate) malformed_or_other: u64,
 }
 
 impl ChurnResult {
@@ -134,53 +106,40 @@ impl ChurnResult {
             self.connects_per_sec,
             self.failed
         );
-        let lat = &self.connect_latency;
         let _ = writeln!(
             out,
-            "reconnect      p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms  (TCP connect to auth ok)",
-            ms(lat.p50_us),
-            ms(lat.p99_us),
-            ms(lat.p999_us),
-            ms(lat.max_us)
+            "reconnect      {}  (TCP connect to auth ok)",
+            self.connect_latency
         );
         if !self.failures.is_empty() {
             let causes: Vec<String> = self.failures.iter().map(|(c, n)| format!("{c} {n}")).collect();
             let _ = writeln!(out, "failures       {}", causes.join(", "));
         }
         if let Some(m) = &self.messages {
+            let a = &m.accounting;
             let _ = writeln!(
                 out,
-                "messages       {}/s per room: sent {}, acked {} ({}), unacked {}, ack p99 {:.3} ms",
+                "messages       {}/s per room: {}, ack p99 {:.3} ms",
                 m.msg_rate,
-                m.sent,
-                m.acked,
-                m.acks_by_code
-                    .iter()
-                    .map(|(code, n)| format!("{code}: {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                m.unacked,
-                ms(m.ack_latency.p99_us)
+                a.sends_text(),
+                ms(a.ack_latency.p99_us)
             );
             let _ = writeln!(
                 out,
-                "delivery       p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms; {} recv ({} recv/s)",
-                ms(m.delivery_latency.p50_us),
-                ms(m.delivery_latency.p99_us),
-                ms(m.delivery_latency.p999_us),
-                ms(m.delivery_latency.max_us),
-                m.recv_frames,
+                "delivery       {}; {} recv ({} recv/s)",
+                a.delivery_latency,
+                a.recv_frames,
                 human_rate(m.recv_per_sec)
             );
             let _ = writeln!(
                 out,
                 "check          {} sockets open to the end: owed {}, delivered {}, lost {}, unexpected {} (+{} unowed)",
-                m.checked_sockets, m.expected, m.delivered, m.lost, m.unexpected, m.unchecked
+                m.checked_sockets, a.expected, a.delivered, a.lost, a.unexpected, m.unchecked
             );
             let _ = writeln!(
                 out,
                 "all sockets    duplicates {}, foreign {}, echoed {}, out of sender order {}",
-                m.duplicates, m.foreign, m.echoed_to_sender, m.out_of_sender_order
+                a.duplicates, a.foreign, a.echoed_to_sender, a.out_of_sender_order
             );
         }
         if let (Some(start), Some(end), Some(growth)) = (&self.rss_start, &self.rss_end, self.rss_growth) {
@@ -220,28 +179,7 @@ pub(super) fn note_problems(result: &ChurnResult, problems: &mut Vec<String>) {
     if result.stopped_by_duration {
         problems.push("--duration ran out before the run finished".to_owned());
     }
-    let Some(m) = &result.messages else {
-        return;
-    };
-    note_counts(
-        problems,
-        &[
-            (m.lost, "owed deliveries lost"),
-            (m.duplicates, "duplicate deliveries"),
-            (m.unexpected, "deliveries of messages not acked with code 0"),
-            (
-                m.foreign,
-                "deliveries of messages not sent to that room by this run",
-            ),
-            (
-                m.echoed_to_sender,
-                "messages delivered back to their sending socket",
-            ),
-            (m.out_of_sender_order, "deliveries out of sender order"),
-            (m.unacked, "messages never acked"),
-            (m.senders_timed_out, "senders gave up waiting for an ack"),
-            (m.malformed_or_other, "unreadable or unexpected frames"),
-            (refused_acks(&m.acks_by_code), "acks with a non-zero code"),
-        ],
-    );
+    if let Some(m) = &result.messages {
+        m.accounting.note_problems(problems);
+    }
 }
