@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::ws::registry::Registry;
 
 /// State shared by every connection of one gateway.
-pub(crate) struct GatewayState {
+pub(crate) struct Gateway {
     config: GatewayConfig,
     store: DynStore,
     bus: DynBus,
@@ -114,7 +114,7 @@ pub async fn run(
     let registrations = AddrBuckets::new(config.register_rate_per_ip, config.register_burst_per_ip);
     // Ready from the first request on if the store answers now.
     let health = Health::start(bus.clone(), store.clone(), shutdown.clone()).await;
-    let shared = Arc::new(GatewayState {
+    let shared = Arc::new(Gateway {
         config,
         store,
         bus,

@@ -14,11 +14,11 @@ use super::{
     bearer, caller, json_response, ok_response, parse_id, read_json, store_error, ApiError, Body, Reply,
 };
 use crate::accounts::{session_key, token_hash, Accounts};
-use crate::GatewayState;
+use crate::Gateway;
 
 /// The answer when no password hash could start in time: each takes tens of MiB, so only a few
 /// run at once.
-fn hashing_busy(shared: &GatewayState) -> ApiError {
+fn hashing_busy(shared: &Gateway) -> ApiError {
     shared.metrics.refused_hashing.inc();
     ApiError::later(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -28,7 +28,7 @@ fn hashing_busy(shared: &GatewayState) -> ApiError {
 }
 
 pub(super) async fn register(
-    shared: &GatewayState,
+    shared: &Gateway,
     req: Request<Incoming>,
     addr: IpAddr,
 ) -> Reply<Response<Body>> {
@@ -77,20 +77,24 @@ pub(super) async fn register(
     }
 }
 
-pub(super) async fn get_user(shared: &GatewayState, id: &str) -> Reply<Response<Body>> {
-    let id = parse_id(id)?;
-    match shared.store.user(id).await {
-        Ok(Some(user)) => Ok(json_response(StatusCode::OK, &User::from(user))),
-        Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "no such user")),
+pub(super) async fn get_user(shared: &Gateway, id: &str) -> Reply<Response<Body>> {
+    let user = shared.store.user(parse_id(id)?).await;
+    found::<User>(user, "no such user")
+}
+
+/// 200 with the wire form `T` of what the store found, or 404 with `missing`.
+fn found<T: serde::Serialize>(
+    result: Result<Option<impl Into<T>>, StoreError>,
+    missing: &'static str,
+) -> Reply<Response<Body>> {
+    match result {
+        Ok(Some(item)) => Ok(json_response(StatusCode::OK, &item.into())),
+        Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, missing)),
         Err(err) => Err(store_error(err)),
     }
 }
 
-pub(super) async fn login(
-    shared: &GatewayState,
-    req: Request<Incoming>,
-    addr: IpAddr,
-) -> Reply<Response<Body>> {
+pub(super) async fn login(shared: &Gateway, req: Request<Incoming>, addr: IpAddr) -> Reply<Response<Body>> {
     let credentials: Credentials = read_json(shared, req).await?;
     if let Err(wait) = shared.logins.attempt(&credentials.username, addr) {
         shared.metrics.refused_login.inc();
@@ -156,7 +160,7 @@ pub(super) async fn login(
     ))
 }
 
-pub(super) async fn logout(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn logout(shared: &Gateway, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let hash = token_hash(bearer(&req).unwrap_or_default());
     shared.store.revoke_session(&hash).await.map_err(store_error)?;
@@ -172,7 +176,7 @@ pub(super) async fn logout(shared: &GatewayState, req: Request<Incoming>) -> Rep
 }
 
 /// Refuses (403) a user who is in as many rooms as a user may be.
-async fn check_room_count(shared: &GatewayState, user: u64) -> Reply<()> {
+async fn check_room_count(shared: &Gateway, user: u64) -> Reply<()> {
     let count = shared.store.room_count(user).await.map_err(store_error)?;
     if count >= shared.config.max_rooms_per_user {
         shared.metrics.refused_rooms.inc();
@@ -187,7 +191,7 @@ async fn check_room_count(shared: &GatewayState, user: u64) -> Reply<()> {
     Ok(())
 }
 
-pub(super) async fn create_room(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn create_room(shared: &Gateway, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let new: NewRoom = read_json(shared, req).await?;
     validate::room(&new.name, &new.description).map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, why))?;
@@ -201,7 +205,7 @@ pub(super) async fn create_room(shared: &GatewayState, req: Request<Incoming>) -
     Ok(json_response(StatusCode::CREATED, &RoomId { id: room.id }))
 }
 
-async fn announce_join(shared: &GatewayState, user: u64, room: u64) {
+async fn announce_join(shared: &Gateway, user: u64, room: u64) {
     shared
         .registry
         .join_local(user, room, shared.config.send_timeout)
@@ -211,27 +215,19 @@ async fn announce_join(shared: &GatewayState, user: u64, room: u64) {
     }
 }
 
-pub(super) async fn my_rooms(shared: &GatewayState, req: Request<Incoming>) -> Reply<Response<Body>> {
+pub(super) async fn my_rooms(shared: &Gateway, req: Request<Incoming>) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let rooms = shared.store.user_rooms(user).await.map_err(store_error)?;
     let rooms: Vec<Room> = rooms.into_iter().map(Room::from).collect();
     Ok(json_response(StatusCode::OK, &rooms))
 }
 
-pub(super) async fn get_room(shared: &GatewayState, id: &str) -> Reply<Response<Body>> {
-    let id = parse_id(id)?;
-    match shared.store.room(id).await {
-        Ok(Some(room)) => Ok(json_response(StatusCode::OK, &Room::from(room))),
-        Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "no such room")),
-        Err(err) => Err(store_error(err)),
-    }
+pub(super) async fn get_room(shared: &Gateway, id: &str) -> Reply<Response<Body>> {
+    let room = shared.store.room(parse_id(id)?).await;
+    found::<Room>(room, "no such room")
 }
 
-pub(super) async fn join_room(
-    shared: &GatewayState,
-    req: Request<Incoming>,
-    id: &str,
-) -> Reply<Response<Body>> {
+pub(super) async fn join_room(shared: &Gateway, req: Request<Incoming>, id: &str) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let room = parse_id(id)?;
     // Joining again is fine at the limit: joins are idempotent.
@@ -247,11 +243,7 @@ pub(super) async fn join_room(
     Ok(ok_response(StatusCode::OK))
 }
 
-pub(super) async fn history(
-    shared: &GatewayState,
-    req: Request<Incoming>,
-    id: &str,
-) -> Reply<Response<Body>> {
+pub(super) async fn history(shared: &Gateway, req: Request<Incoming>, id: &str) -> Reply<Response<Body>> {
     let user = caller(shared, &req).await?;
     let room = parse_id(id)?;
     let mut before = Timestamp(i64::MAX);

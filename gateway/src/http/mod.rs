@@ -32,7 +32,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::GatewayState;
+use crate::Gateway;
 
 /// Every response body is a complete buffer.
 pub(crate) type Body = Full<Bytes>;
@@ -143,7 +143,7 @@ impl ConnInfo {
 
 /// Routes one request. Never fails: every problem becomes a documented error response.
 pub(crate) async fn handle(
-    shared: Arc<GatewayState>,
+    shared: Arc<Gateway>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -214,10 +214,7 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
-pub(super) async fn read_json<T: DeserializeOwned>(
-    shared: &GatewayState,
-    req: Request<Incoming>,
-) -> Reply<T> {
+pub(super) async fn read_json<T: DeserializeOwned>(shared: &Gateway, req: Request<Incoming>) -> Reply<T> {
     let max = shared.config.max_body_size;
     let declared = req
         .headers()
@@ -259,7 +256,7 @@ pub(super) fn bearer(req: &Request<Incoming>) -> Option<&str> {
 }
 
 /// The user id behind the request's bearer token, or a 401.
-pub(super) async fn caller(shared: &GatewayState, req: &Request<Incoming>) -> Reply<u64> {
+pub(super) async fn caller(shared: &Gateway, req: &Request<Incoming>) -> Reply<u64> {
     let Some(token) = bearer(req) else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"));
     };

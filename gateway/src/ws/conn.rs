@@ -33,7 +33,7 @@ use super::registry::{Added, SocketHandle};
 use super::wire::{self, CloseReason};
 use crate::http::{error_response, Body};
 use crate::limit::Bucket;
-use crate::GatewayState;
+use crate::Gateway;
 use chatoy_store::Session;
 
 mod auth;
@@ -45,7 +45,7 @@ use live::*;
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Answers `GET /ws`: checks the handshake, reserves a socket slot, and spawns the socket task.
-pub(crate) fn upgrade(shared: &Arc<GatewayState>, req: Request<Incoming>) -> Response<Body> {
+pub(crate) fn upgrade(shared: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers();
     let is_upgrade = headers
         .get(UPGRADE)
@@ -115,10 +115,10 @@ async fn open_socket(upgraded: hyper::upgrade::OnUpgrade, max_frame_size: usize)
 }
 
 /// Holds one of the `max_sockets` places and the open-sockets gauge while the socket lives.
-struct SocketSlot(Arc<GatewayState>);
+struct SocketSlot(Arc<Gateway>);
 
 impl SocketSlot {
-    fn shared(&self) -> &GatewayState {
+    fn shared(&self) -> &Gateway {
         &self.0
     }
 }
@@ -130,7 +130,7 @@ impl Drop for SocketSlot {
     }
 }
 
-async fn serve(shared: &Arc<GatewayState>, ws: &mut Socket) {
+async fn serve(shared: &Arc<Gateway>, ws: &mut Socket) {
     shared.metrics.sockets_open.inc();
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     // Boxed: the auth phase's state is large and must not live as long as the socket.
@@ -176,7 +176,7 @@ fn send_refusal(code: SendCode, uuid: String) -> Bytes {
     encode(&ServerFrame::send(code, code.message(), uuid, Timestamp::now()))
 }
 
-fn queue(shared: &GatewayState, socket: &SocketHandle, frame: Bytes) {
+fn queue(shared: &Gateway, socket: &SocketHandle, frame: Bytes) {
     if socket
         .mailbox
         .push(Outbound::control(frame), shared.config.outbound_queue)
@@ -186,12 +186,7 @@ fn queue(shared: &GatewayState, socket: &SocketHandle, frame: Bytes) {
     }
 }
 
-async fn handle_text(
-    shared: &Arc<GatewayState>,
-    socket: &Arc<SocketHandle>,
-    limit: &mut Bucket,
-    text: &[u8],
-) {
+async fn handle_text(shared: &Arc<Gateway>, socket: &Arc<SocketHandle>, limit: &mut Bucket, text: &[u8]) {
     let metrics = &shared.metrics;
     match ClientFrame::parse(text) {
         Ok(ClientFrame::Auth { .. }) | Err(FrameError::BadAuth | FrameError::BadSince(_)) => {
@@ -221,7 +216,7 @@ async fn handle_text(
 }
 
 async fn handle_msg(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     socket: &Arc<SocketHandle>,
     limit: &mut Bucket,
     uuid: String,

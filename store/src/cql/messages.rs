@@ -57,6 +57,13 @@ fn cql_limit(limit: usize) -> i32 {
     i32::try_from(limit).unwrap_or(i32::MAX)
 }
 
+/// Which end of a range of a room's messages to read from.
+#[derive(Clone, Copy)]
+enum Walk {
+    NewestFirst,
+    OldestFirst,
+}
+
 /// Walks the buckets a room has used, newest first, fetching the list page by page.
 struct BucketWalk<'a> {
     store: &'a CqlStore,
@@ -237,14 +244,7 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let Some(head) = self.head_past(room, after, limit).await? else {
-            return Ok(Vec::new());
-        };
-        let buckets = BucketWalk::at_most(self, room, self.bucket(head));
-        let statement = &self.statements.messages_between;
-        let mut messages = self
-            .read_range(room, buckets, statement, (after, head), limit)
-            .await?;
+        let mut messages = self.past(room, after, limit, Walk::NewestFirst).await?;
         messages.reverse();
         Ok(messages)
     }
@@ -336,20 +336,28 @@ impl CqlStore {
         after: i64,
         limit: usize,
     ) -> CqlResult<Vec<StoredMessage>> {
-        let Some(head) = self.head_past(room, after, limit).await? else {
-            return Ok(Vec::new());
-        };
-        let buckets = BucketWalk::between(self, room, self.bucket(after), self.bucket(head));
-        let statement = &self.statements.messages_after_ascending;
-        self.read_range(room, buckets, statement, (after, head), limit)
-            .await
+        self.past(room, after, limit, Walk::OldestFirst).await
     }
 
-    /// The room's head (`i64::MAX` while it has none), if up to `limit` messages with
-    /// `sent > after` are to be read: `limit` is not 0 and the head is past `after`.
-    async fn head_past(&self, room: u64, after: i64, limit: usize) -> CqlResult<Option<i64>> {
+    /// Up to `limit` messages with `sent > after` and not past the head: the newest of them,
+    /// newest first, or the oldest, oldest first.
+    async fn past(&self, room: u64, after: i64, limit: usize, walk: Walk) -> CqlResult<Vec<StoredMessage>> {
         let head = self.head(room).await?.unwrap_or(i64::MAX);
-        Ok((limit > 0 && head > after).then_some(head))
+        if limit == 0 || head <= after {
+            return Ok(Vec::new());
+        }
+        let (buckets, statement) = match walk {
+            Walk::NewestFirst => (
+                BucketWalk::at_most(self, room, self.bucket(head)),
+                &self.statements.messages_between,
+            ),
+            Walk::OldestFirst => (
+                BucketWalk::between(self, room, self.bucket(after), self.bucket(head)),
+                &self.statements.messages_after_ascending,
+            ),
+        };
+        self.read_range(room, buckets, statement, (after, head), limit)
+            .await
     }
 
     /// Up to `limit` messages with `after < sent <= head`, read bucket by bucket along `buckets`

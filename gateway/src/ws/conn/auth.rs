@@ -4,7 +4,7 @@
 use super::*;
 
 pub(super) async fn authenticate(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     ws: &mut Socket,
     conn: u64,
 ) -> Option<(Arc<SocketHandle>, SocketState)> {
@@ -93,7 +93,7 @@ pub(super) async fn authenticate(
 /// Registers an authenticated socket in its user's and rooms' subscriptions, answers `auth`, and
 /// replays `since`. Live frames queue in the mailbox meanwhile and are de-duplicated at the seam.
 pub(super) async fn admit(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     ws: &mut Socket,
     conn: u64,
     session: Session,
@@ -145,7 +145,7 @@ pub(super) async fn admit(
 /// Subscribes the socket's user to its rooms (the user's first socket here reads them; the
 /// others find them) and waits until every room's subscription is active; returns the rooms.
 pub(super) async fn register(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     socket: &Arc<SocketHandle>,
     added: Added,
 ) -> Result<Vec<u64>, String> {
@@ -190,7 +190,7 @@ pub(super) const REPLAY_PAGE: usize = 64;
 /// says the client left off in that room, oldest first, a page at a time. Returns, per room that
 /// got any, the `sent` of the last one sent: the seam for live frames queued meanwhile.
 pub(super) async fn replay(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     ws: &mut Socket,
     rooms: &[u64],
     since: &Since,

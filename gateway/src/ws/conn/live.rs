@@ -26,7 +26,7 @@ impl SocketState {
 }
 
 pub(super) async fn run(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     ws: &mut Socket,
     socket: &Arc<SocketHandle>,
     live: &mut SocketState,
@@ -48,7 +48,7 @@ pub(super) async fn run(
 
 /// Handles one wake-up; returns whether the socket is done.
 pub(super) async fn on_wake(
-    shared: &Arc<GatewayState>,
+    shared: &Arc<Gateway>,
     ws: &mut Socket,
     socket: &Arc<SocketHandle>,
     live: &mut SocketState,
