@@ -96,8 +96,8 @@ struct Bystanders {
     listener: Ws,
 }
 
-/// The server and what every sequence shares.
-pub(crate) struct Live {
+/// The harness: the server under fuzzing and what every sequence shares.
+pub(crate) struct Harness {
     server: tokio::sync::Mutex<Server>,
     api: Api,
     /// A token whose lifetime ends at `expired_at`.
@@ -178,9 +178,9 @@ fn empty_to_none(literal: &str) -> Option<&str> {
     (!literal.is_empty()).then_some(literal)
 }
 
-impl Live {
+impl Harness {
     /// Starts the server, the bystanders, and the token that will expire.
-    pub(crate) async fn start(corpus: Vec<Vec<u8>>) -> Live {
+    pub(crate) async fn start(corpus: Vec<Vec<u8>>) -> Harness {
         let server = Server::start_with(FLAGS).await;
         let api = server.api();
         let stale = api.new_user("stale").await;
@@ -205,7 +205,7 @@ impl Live {
             speaker: Ws::authed(&server, &speaker.token).await,
             listener: Ws::authed(&server, &listener.token).await,
         };
-        Live {
+        Harness {
             server: tokio::sync::Mutex::new(server),
             api,
             expired,
