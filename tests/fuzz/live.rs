@@ -22,24 +22,17 @@ use crate::actions::{
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
 use chatoy_testkit::fuzz::json::Tree;
 use chatoy_testkit::fuzz::{sorted_keys, BAD_UTF8};
-use chatoy_testkit::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
+use chatoy_testkit::{
+    close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, UNLIMITED_CONNS,
+    UNLIMITED_MSGS, WAIT,
+};
 use sha2::Digest;
 
-/// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every
-/// answer is determined), short-lived tokens, and a ping every second so server pings
-/// interleave with the traffic.
+/// The fuzzed server's flags besides [`UNLIMITED_MSGS`] and [`UNLIMITED_CONNS`] (sequences send
+/// and reconnect as fast as the machine allows: no rate may refuse them): no auth or idle
+/// timeout within reach (so every answer is determined), short-lived tokens, and a ping every
+/// second so server pings interleave with the traffic.
 const FLAGS: &[&str] = &[
-    "--msg-rate",
-    "1000000",
-    "--msg-burst",
-    "1000000",
-    // Sequences reconnect as fast as the machine allows: no connection rate may refuse them.
-    "--conn-rate",
-    "1000000",
-    "--conn-burst",
-    "1000000",
-    "--conn-rate-per-ip",
-    "0",
     "--auth-timeout",
     "10m",
     "--idle-timeout",
@@ -181,7 +174,7 @@ fn empty_to_none(literal: &str) -> Option<&str> {
 impl Harness {
     /// Starts the server, the bystanders, and the token that will expire.
     pub(crate) async fn start(corpus: Vec<Vec<u8>>) -> Harness {
-        let server = Server::start_with(FLAGS).await;
+        let server = Server::start_with(&[&UNLIMITED_MSGS[..], &UNLIMITED_CONNS, FLAGS].concat()).await;
         let api = server.api();
         let stale = api.new_user("stale").await;
         // An expired token: a session of the stale user that ended long ago, written straight
