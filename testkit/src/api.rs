@@ -60,6 +60,16 @@ pub struct TestUser {
     pub token: String,
 }
 
+/// A registration body (`username`, [`PASSWORD`]) padded with trailing spaces to `len` bytes,
+/// for the body size limits.
+pub fn padded_registration(username: &str, len: usize) -> Vec<u8> {
+    let mut body = json!({"username": username, "password": PASSWORD})
+        .to_string()
+        .into_bytes();
+    body.resize(len, b' ');
+    body
+}
+
 /// A thin client for the HTTP API.
 #[derive(Clone)]
 pub struct Api {

@@ -1,13 +1,13 @@
 //! What the two fuzzers share (the frame parser's, `protocol/tests/fuzz_frames`, and the live
 //! connection's, `tests/fuzz`): the JSON tree and its mutations (`json`), the byte mutations'
-//! strategy, the number of cases, and two checks of what a server writes.
+//! and string edits' strategies, the number of cases, and two checks of what a server writes.
 
 pub mod json;
 
 use proptest::prelude::*;
 use serde_json::Value;
 
-use json::ByteMutation;
+use json::{ByteMutation, StringEdit};
 
 /// Invalid UTF-8 sequences: bad bytes, overlong forms, surrogates, truncated sequences,
 /// code points past U+10FFFF.
@@ -44,6 +44,26 @@ pub fn byte_mutation() -> impl Strategy<Value = ByteMutation> {
         (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Delete(i, n)),
         (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(i, o, f)| ByteMutation::Splice(i, o, f)),
         (any::<usize>(), any::<usize>()).prop_map(|(i, n)| ByteMutation::Repeat(i, n)),
+    ]
+}
+
+/// Any [`StringEdit`], with the fuzzer's own pools: what an edit appends and prepends, how many
+/// times it repeats the string, and the raw text that replaces a literal.
+pub fn string_edit(
+    append: impl Strategy<Value = String>,
+    prepend: impl Strategy<Value = String>,
+    repeats: Vec<usize>,
+    raw_literals: Vec<&'static str>,
+) -> impl Strategy<Value = StringEdit> {
+    prop_oneof![
+        Just(StringEdit::Upper),
+        Just(StringEdit::Lower),
+        Just(StringEdit::Empty),
+        any::<usize>().prop_map(StringEdit::Truncate),
+        append.prop_map(StringEdit::Append),
+        prepend.prop_map(StringEdit::Prepend),
+        prop::sample::select(repeats).prop_map(StringEdit::Repeat),
+        prop::sample::select(raw_literals).prop_map(|s| StringEdit::RawLiteral(s.into())),
     ]
 }
 

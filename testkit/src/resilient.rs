@@ -8,11 +8,12 @@
 //! rooms, the newest `sent` seen in that room (or the start of the load for a room it has seen
 //! nothing of). Each room has its own sequencer, so no single timestamp is a safe resume point.
 //!
-//! [`Crowd`] runs many members and waits on what they saw; [`check`] compares what they saw with
-//! the rooms' histories.
+//! [`LoadPlan`] registers the members of a load; [`Crowd`] runs many members and waits on what
+//! they saw; [`check`] compares what they saw with the rooms' histories.
 
 mod check;
 mod crowd;
+mod load;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ use crate::util::new_uuid;
 
 pub use check::{check, Verdict};
 pub use crowd::{Acked, Crowd};
+pub use load::{LoadPlan, Registered};
 
 /// How long a message may stay unanswered before it is sent again.
 const ANSWER_LIMIT: Duration = Duration::from_secs(3);

@@ -24,6 +24,21 @@ const TEST_DEFAULTS: [&str; 6] = [
     "0",
 ];
 
+/// The message rate of a test that sends faster than a client may and is not about that limit:
+/// a million a second per socket, a million at once.
+pub const UNLIMITED_MSGS: [&str; 4] = ["--msg-rate", "1000000", "--msg-burst", "1000000"];
+
+/// The connection rates of a test that reconnects as fast as the machine allows and is not
+/// about those limits: a million a second per process, none per address.
+pub const UNLIMITED_CONNS: [&str; 6] = [
+    "--conn-rate",
+    "1000000",
+    "--conn-burst",
+    "1000000",
+    "--conn-rate-per-ip",
+    "0",
+];
+
 /// [`TEST_DEFAULTS`] without the flags `extra` gives, then `extra`.
 pub fn test_flags(extra: &[&str]) -> Vec<String> {
     let mut flags: Vec<String> = TEST_DEFAULTS

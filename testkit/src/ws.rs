@@ -12,7 +12,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::server::Server;
 use crate::shape::{assert_auth, assert_send, auth_frame, msg_frame, recv_data};
-use crate::util::{within, WAIT};
+use crate::util::{new_uuid, within, WAIT};
 
 /// What a WebSocket client observed next.
 #[derive(Debug)]
@@ -128,6 +128,35 @@ impl Ws {
         let answer = self.send_msg(uuid, room, text).await;
         assert_send(&answer, 0, uuid);
         answer["sent"].as_str().expect("sent").to_owned()
+    }
+
+    /// Sends `count` Text messages to `room` (the i-th says `text(i)`) keeping at most `window`
+    /// unanswered, asserts that each is answered code 0, and returns each one's uuid and `sent`
+    /// (ns), in `sent` order. Every frame the socket reads meanwhile must be an answer.
+    pub async fn send_pipelined(
+        &mut self,
+        room: u64,
+        count: usize,
+        window: usize,
+        text: impl Fn(usize) -> String,
+    ) -> Vec<(String, i64)> {
+        let mut acked = Vec::with_capacity(count);
+        let mut in_flight = 0;
+        let mut next = 0;
+        while acked.len() < count {
+            while next < count && in_flight < window {
+                self.send_text(&msg_frame(&new_uuid(), room, &text(next))).await;
+                next += 1;
+                in_flight += 1;
+            }
+            let frame = self.next_json().await;
+            let uuid = frame["uuid"].as_str().expect("a send answer").to_owned();
+            let sent = assert_send(&frame, 0, &uuid);
+            acked.push((uuid, sent));
+            in_flight -= 1;
+        }
+        acked.sort_by_key(|(_, sent)| *sent);
+        acked
     }
 
     /// Waits for the `send` frame for `uuid`, keeping every other frame for later reads.

@@ -4,16 +4,13 @@
 use serde_json::json;
 
 use chatoy_testkit::minicluster::{Cluster, Spec};
-use chatoy_testkit::{new_uuid, ts, Ws};
+use chatoy_testkit::{alice_and_bob, new_uuid, ts, Ws};
 
 #[tokio::test]
 async fn acked_on_one_gateway_reaches_members_on_the_other() {
     let cluster = Cluster::start(Spec::new(1, 2, &[])).await;
     let api = cluster.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "across").await;
-    api.join(&bob.token, room).await;
+    let (alice, bob, room) = alice_and_bob(&api, "across").await;
 
     let mut alice_1 = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
     let mut alice_2 = Ws::authed_url(&cluster.ws_url(2), &alice.token).await;

@@ -6,7 +6,7 @@
 use serde_json::json;
 
 use chatoy_testkit::minicluster::{Cluster, Spec};
-use chatoy_testkit::{new_uuid, Ws};
+use chatoy_testkit::{alice_and_bob, new_uuid, two_sockets_at};
 
 #[tokio::test]
 async fn a_process_with_another_partition_count_stops_with_the_reason() {
@@ -24,12 +24,8 @@ async fn a_process_with_another_partition_count_stops_with_the_reason() {
     }
 
     let api = cluster.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "still working").await;
-    api.join(&bob.token, room).await;
-    let mut a = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
-    let mut b = Ws::authed_url(&cluster.ws_url(1), &bob.token).await;
+    let (alice, bob, room) = alice_and_bob(&api, "still working").await;
+    let (mut a, mut b) = two_sockets_at(&cluster.ws_url(1), &alice, &cluster.ws_url(1), &bob).await;
     let uuid = new_uuid();
     a.send_ok(&uuid, room, "after the misconfigured processes").await;
     assert_eq!(b.next_recv().await["uuid"], json!(uuid));

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use chatoy_protocol::{partition_of, Timestamp};
 use chatoy_testkit::minicluster::{Cluster, Spec, PARTITIONS};
-use chatoy_testkit::{new_uuid, ts, uuids_by_room, Ws};
+use chatoy_testkit::{new_uuid, ts, two_sockets_at, uuids_by_room, Ws};
 use serde_json::json;
 
 use crate::direct::RoomWriter;
@@ -35,8 +35,8 @@ async fn a_room_sequenced_behind_another_is_resumed_only_per_room() {
         api.join(&bob.token, room).await;
         api.join(&carol.token, room).await;
     }
-    let mut alice_ws = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
-    let mut bob_ws = Ws::authed_url(&cluster.ws_url(1), &bob.token).await;
+    let (mut alice_ws, mut bob_ws) =
+        two_sockets_at(&cluster.ws_url(1), &alice, &cluster.ws_url(1), &bob).await;
     let a0 = new_uuid();
     let a0_sent = alice_ws.send_ok(&a0, a, "a0").await;
     assert_eq!(bob_ws.next_recv().await["uuid"], json!(a0));

@@ -13,17 +13,20 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chatoy_testkit::minicluster::{delete_streams, drop_keyspace};
-use chatoy_testkit::resilient::{check, Crowd, MemberSpec};
+use chatoy_testkit::resilient::{check, Crowd, LoadPlan, Registered};
 use chatoy_testkit::services::Services;
 use chatoy_testkit::{
     assert_auth, chatoy_binary, random_hex, run_checked, script, scrub_env, Api, TempDir, Ws,
 };
 
-const ROOMS: usize = 3;
-const SENDERS: usize = 6;
-/// Messages per second per sender.
-const RATE: f64 = 20.0;
-const WINDOW: usize = 16;
+/// Six senders across three rooms, 20 messages a second each, and a listener per gateway.
+const LOAD: LoadPlan = LoadPlan {
+    rooms: 3,
+    senders: 6,
+    gateways: 3,
+    rate: 20.0,
+    window: 16,
+};
 /// Sockets opened after scaling back up, to see where the HAProxy puts them.
 const NEW_SOCKETS: usize = 12;
 /// Longest wait for every message to be answered and delivered.
@@ -153,37 +156,13 @@ impl Drop for ScriptCluster {
 async fn scale_gateways_3_1_3_under_load_loses_nothing() {
     let mut cluster = ScriptCluster::up(3).await;
     let api = Api::new(cluster.url.clone(), Vec::new());
-    let host = api.new_user("host").await;
-    let mut rooms = Vec::new();
-    for r in 0..ROOMS {
-        rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
-    }
-    let start = chatoy_protocol::Timestamp::now().0;
     let balanced = cluster.ws_url("/ws");
-    let mut specs = Vec::new();
-    for i in 0..SENDERS + 3 {
-        let sender = i < SENDERS;
-        let user = api.new_user(if sender { "sender" } else { "listener" }).await;
-        let mine = if sender {
-            vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]]
-        } else {
-            rooms.clone()
-        };
-        for room in &mine {
-            api.join(&user.token, *room).await;
-        }
-        specs.push(MemberSpec {
-            label: format!("{} {i}", if sender { "sender" } else { "listener" }),
-            token: user.token,
-            rooms: mine,
-            // Spread over the three gateways at first; later connections are balanced.
-            first_url: cluster.ws_url(&format!("/ws?gateway={}", i % 3 + 1)),
-            url: balanced.clone(),
-            rate: if sender { RATE } else { 0.0 },
-            window: if sender { WINDOW } else { 0 },
-            start,
-        });
-    }
+    // Spread over the three gateways at first; later connections are balanced.
+    let Registered { host, rooms, specs } = LOAD
+        .register(&api, &balanced, |gateway| {
+            cluster.ws_url(&format!("/ws?gateway={gateway}"))
+        })
+        .await;
     let mut crowd = Crowd::start(specs).await;
     for n in 1..=3 {
         assert_eq!(cluster.sockets_on(n).await, 3, "gateway {n} before scaling in");

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use chatoy_testkit::minicluster::{migrate, Cluster, Spec};
 use chatoy_testkit::services::Services;
-use chatoy_testkit::{new_uuid, random_hex, TempDir, Ws};
+use chatoy_testkit::{alice_and_bob, new_uuid, random_hex, two_sockets_at, TempDir};
 
 #[tokio::test]
 async fn migrate_twice_is_harmless() {
@@ -21,12 +21,8 @@ async fn migrate_twice_is_harmless() {
 
     let cluster = Cluster::start_on(&keyspace, Spec::new(1, 2, &[])).await;
     let api = cluster.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "kept").await;
-    api.join(&bob.token, room).await;
-    let mut a = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
-    let mut b = Ws::authed_url(&cluster.ws_url(2), &bob.token).await;
+    let (alice, bob, room) = alice_and_bob(&api, "kept").await;
+    let (mut a, mut b) = two_sockets_at(&cluster.ws_url(1), &alice, &cluster.ws_url(2), &bob).await;
     for i in 0..3 {
         let uuid = new_uuid();
         a.send_ok(&uuid, room, &format!("before the second migrate {i}"))

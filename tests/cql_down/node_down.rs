@@ -9,7 +9,7 @@ use serde_json::json;
 
 use chatoy_testkit::minicluster::{Cluster, Spec};
 use chatoy_testkit::services::SharedCassandra;
-use chatoy_testkit::{assert_send, new_uuid, within, Ws};
+use chatoy_testkit::{alice_and_bob, assert_send, new_uuid, two_sockets_at, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_is_code_5_while_the_cql_node_is_down() {
@@ -18,12 +18,8 @@ async fn send_is_code_5_while_the_cql_node_is_down() {
     // keyspace is dropped.
     let mut cassandra = SharedCassandra::new();
     let api = cluster.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "outage").await;
-    api.join(&bob.token, room).await;
-    let mut a = Ws::authed_url(&cluster.ws_url(1), &alice.token).await;
-    let mut b = Ws::authed_url(&cluster.ws_url(2), &bob.token).await;
+    let (alice, bob, room) = alice_and_bob(&api, "outage").await;
+    let (mut a, mut b) = two_sockets_at(&cluster.ws_url(1), &alice, &cluster.ws_url(2), &bob).await;
     let before = new_uuid();
     a.send_ok(&before, room, "before the outage").await;
     assert_eq!(b.next_recv().await["uuid"], json!(before));

@@ -11,7 +11,10 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use chatoy_testkit::{assert_send, msg_frame, new_uuid, recv_data, seed, ts, within, Event, Server, Ws};
+use chatoy_testkit::{
+    assert_send, msg_frame, new_uuid, recv_data, seed, ts, two_sockets, within, Event, Server, Ws,
+    UNLIMITED_MSGS,
+};
 
 #[tokio::test]
 async fn recv_reaches_every_other_socket_of_members() {
@@ -74,8 +77,7 @@ async fn join_propagates_to_an_open_socket() {
     let bob = api.new_user("bob").await;
     let room = api.create_room(&alice.token, "late joiners").await;
 
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut b = Ws::authed(&server, &bob.token).await;
+    let (mut a, mut b) = two_sockets(&server, &alice, &bob).await;
     a.send_ok(&new_uuid(), room, "before bob").await;
 
     api.join(&bob.token, room).await;
@@ -108,8 +110,7 @@ async fn idempotent_retry_and_uuid_conflict() {
     let alice = api.new_user("alice").await;
     let room = api.create_room(&alice.token, "retry").await;
     let second_room = api.create_room(&alice.token, "retry too").await;
-    let mut first = Ws::authed(&server, &alice.token).await;
-    let mut second = Ws::authed(&server, &alice.token).await;
+    let (mut first, mut second) = two_sockets(&server, &alice, &alice).await;
 
     let uuid = new_uuid();
     let sent = first.send_ok(&uuid, room, "hello").await;
@@ -149,8 +150,7 @@ async fn non_members_are_refused() {
     let alice = api.new_user("alice").await;
     let eve = api.new_user("eve").await;
     let room = api.create_room(&alice.token, "closed").await;
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut e = Ws::authed(&server, &eve.token).await;
+    let (mut a, mut e) = two_sockets(&server, &alice, &eve).await;
     a.send_ok(&new_uuid(), room, "secret").await;
 
     let uuid = new_uuid();
@@ -187,7 +187,7 @@ fn with_offset(text: &str, hours: i32) -> String {
 
 #[tokio::test]
 async fn history_pages_newest_first() {
-    let server = Server::start_with(&["--msg-rate", "10000", "--msg-burst", "10000"]).await;
+    let server = Server::start_with(&UNLIMITED_MSGS).await;
     let api = server.api();
     let alice = api.new_user("alice").await;
     let room = api.create_room(&alice.token, "archive").await;
@@ -330,7 +330,7 @@ async fn fifty_clients_in_five_rooms() {
     const USERS: usize = 40;
     const DOUBLE_SOCKETS: usize = 10;
     const PER_CLIENT: usize = 20;
-    let server = Server::start_with(&["--msg-rate", "1000", "--msg-burst", "1000"]).await;
+    let server = Server::start_with(&UNLIMITED_MSGS).await;
     let api = server.api();
     let mut rng = StdRng::seed_from_u64(seed("fifty_clients_in_five_rooms"));
 

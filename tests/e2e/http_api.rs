@@ -7,8 +7,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use chatoy_testkit::{
-    assert_auth, assert_keys, assert_recent, assert_user, new_uuid, ts, within, RawHttp, Server, Ws,
-    PASSWORD, WAIT,
+    alice_and_bob, assert_auth, assert_keys, assert_recent, assert_user, new_uuid, padded_registration, ts,
+    two_sockets, within, RawHttp, Server, Ws, PASSWORD, WAIT,
 };
 
 #[tokio::test]
@@ -304,19 +304,22 @@ async fn unknown_paths_methods_and_bodies() {
 
     // Bodies: exactly 64 KiB is accepted, one byte more is 413.
     let limit = 64 * 1024;
-    let padded = |name: &str, len: usize| {
-        let mut body = json!({"username": name, "password": PASSWORD})
-            .to_string()
-            .into_bytes();
-        body.resize(len, b' ');
-        body
-    };
     let reply = api
-        .raw(Method::POST, "/users", None, Some(padded("exactly64k", limit)))
+        .raw(
+            Method::POST,
+            "/users",
+            None,
+            Some(padded_registration("exactly64k", limit)),
+        )
         .await;
     reply.assert_ok(201);
     let reply = api
-        .raw(Method::POST, "/users", None, Some(padded("over64k", limit + 1)))
+        .raw(
+            Method::POST,
+            "/users",
+            None,
+            Some(padded_registration("over64k", limit + 1)),
+        )
         .await;
     reply.assert_error(413);
 
@@ -387,12 +390,8 @@ async fn health_ready_and_metrics() {
         before.push(api.metric(name).await.unwrap_or(0.0));
     }
 
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "metrics").await;
-    api.join(&bob.token, room).await;
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut b = Ws::authed(&server, &bob.token).await;
+    let (alice, bob, room) = alice_and_bob(&api, "metrics").await;
+    let (mut a, mut b) = two_sockets(&server, &alice, &bob).await;
     assert_eq!(api.metric("chatoy_sockets_open").await, Some(2.0));
     for i in 0..3 {
         let uuid = new_uuid();

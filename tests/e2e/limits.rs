@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use chatoy_testkit::{
-    assert_send, msg_frame, new_uuid, opcode, random_hex, ts, within, Event, PeakRss, RawHttp, RawWs, Server,
-    Ws, PASSWORD, UPGRADE_HEADERS, WAIT,
+    alice_and_bob, assert_send, msg_frame, new_uuid, opcode, padded_registration, random_hex, ts, within,
+    Event, PeakRss, RawHttp, RawWs, Server, Ws, PASSWORD, UNLIMITED_MSGS, UPGRADE_HEADERS, WAIT,
 };
 
 #[tokio::test]
@@ -228,24 +228,17 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     // A write timeout longer than the flood may take (its guard below): when bob reads again,
     // the server must still be waiting to deliver the frames it had written and its close frame;
     // a large since-limit lets the resume get all.
-    let server = Server::start_with(&[
+    let flags = [
         "--outbound-queue",
         "16",
         "--write-timeout",
         "200s",
         "--since-limit",
         "5000",
-        "--msg-rate",
-        "100000",
-        "--msg-burst",
-        "100000",
-    ])
-    .await;
+    ];
+    let server = Server::start_with(&[&flags[..], &UNLIMITED_MSGS].concat()).await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "firehose").await;
-    api.join(&bob.token, room).await;
+    let (alice, bob, room) = alice_and_bob(&api, "firehose").await;
 
     let mut a = Ws::authed(&server, &alice.token).await;
     // A small receive buffer makes the server's side back up quickly once bob stops reading.
@@ -266,27 +259,14 @@ async fn slow_consumer_is_closed_and_resumes_losslessly() {
     // 16 answers) of 4000 four-byte
     // characters: 16 000 bytes each, FLOOD_MIB in all, more than the memory bound below.
     let text = "\u{1F980}".repeat(4000);
-    let mut acked: Vec<(String, i64)> = Vec::new();
-    let mut in_flight = 0;
-    let mut next = 0;
     // A guard against a hang, not a timing check: through a cluster the flood takes longer.
     let flood_started = Instant::now();
-    within(Duration::from_secs(180), "the flood", async {
-        while acked.len() < FLOOD {
-            while next < FLOOD && in_flight < 12 {
-                a.send_text(&msg_frame(&new_uuid(), room, &text)).await;
-                next += 1;
-                in_flight += 1;
-            }
-            let frame = a.next_json().await;
-            let uuid = frame["uuid"].as_str().expect("a send answer").to_owned();
-            let sent = assert_send(&frame, 0, &uuid);
-            acked.push((uuid, sent));
-            in_flight -= 1;
-        }
-    })
+    let acked = within(
+        Duration::from_secs(180),
+        "the flood",
+        a.send_pipelined(room, FLOOD, 12, |_| text.clone()),
+    )
     .await;
-    acked.sort_by_key(|(_, sent)| *sent);
     let before = rss.before();
     let peak = rss.stop().await;
     let grown_mib = peak.saturating_sub(before) as f64 / 1024.0;
@@ -667,19 +647,22 @@ async fn slow_and_oversized_http_requests() {
 
     // Bodies up to --max-body-size (2 KiB here, 64 KiB by default) are read; one byte more is 413.
     let api = server.gateway_api(1);
-    let padded = |name: &str, len: usize| {
-        let mut body = json!({"username": name, "password": PASSWORD})
-            .to_string()
-            .into_bytes();
-        body.resize(len, b' ');
-        body
-    };
     let name = format!("fits_{}", random_hex(6));
-    api.raw(reqwest::Method::POST, "/users", None, Some(padded(&name, 2048)))
-        .await
-        .assert_ok(201);
+    api.raw(
+        reqwest::Method::POST,
+        "/users",
+        None,
+        Some(padded_registration(&name, 2048)),
+    )
+    .await
+    .assert_ok(201);
     let name = format!("over_{}", random_hex(6));
-    api.raw(reqwest::Method::POST, "/users", None, Some(padded(&name, 2049)))
-        .await
-        .assert_error(413);
+    api.raw(
+        reqwest::Method::POST,
+        "/users",
+        None,
+        Some(padded_registration(&name, 2049)),
+    )
+    .await
+    .assert_error(413);
 }

@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use chatoy_testkit::{
-    assert_keys, opcode, parse_ts, seed, ts, within, Event, RawWs, Server, TestUser, Ws, WAIT,
+    assert_keys, opcode, parse_ts, seed, ts, two_sockets, within, Event, RawWs, Server, TestUser,
+    UNLIMITED_CONNS, UNLIMITED_MSGS, WAIT,
 };
 
 const WORKERS: u64 = 4;
@@ -575,21 +576,8 @@ async fn ten_thousand_malformed_frames() {
     let seed = seed("ten_thousand_malformed_frames");
     // This test is not about limits: it reconnects after every closing frame, as fast as the
     // machine allows, so no connection or message rate may refuse it on a fast machine.
-    let mut server = Server::start_with(&[
-        "--msg-rate",
-        "100000",
-        "--msg-burst",
-        "100000",
-        "--conn-rate",
-        "1000000",
-        "--conn-burst",
-        "1000000",
-        "--conn-rate-per-ip",
-        "0",
-        "--auth-timeout",
-        "120s",
-    ])
-    .await;
+    let flags = [&UNLIMITED_MSGS[..], &UNLIMITED_CONNS, &["--auth-timeout", "120s"]].concat();
+    let mut server = Server::start_with(&flags).await;
     let api = server.api();
 
     // The bystander room: one steady sender, one receiver.
@@ -597,8 +585,7 @@ async fn ten_thousand_malformed_frames() {
     let listener = api.new_user("listener").await;
     let stage = api.create_room(&speaker.token, "stage").await;
     api.join(&listener.token, stage).await;
-    let mut speaker_ws = Ws::authed(&server, &speaker.token).await;
-    let mut listener_ws = Ws::authed(&server, &listener.token).await;
+    let (mut speaker_ws, mut listener_ws) = two_sockets(&server, &speaker, &listener).await;
 
     let outsider = api.new_user("outsider").await;
     let foreign_room = api.create_room(&outsider.token, "not yours").await;

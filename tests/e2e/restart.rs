@@ -5,19 +5,15 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use chatoy_testkit::{new_uuid, ts, within, Server, Ws, WAIT};
+use chatoy_testkit::{alice_and_bob, new_uuid, ts, two_sockets, within, Server, Ws, WAIT};
 
 #[tokio::test]
 async fn sigterm_drains_and_data_survives_restart() {
     let mut server = Server::start_with(&["--drain-timeout", "5s"]).await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "durable").await;
-    api.join(&bob.token, room).await;
+    let (alice, bob, room) = alice_and_bob(&api, "durable").await;
 
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut b = Ws::authed(&server, &bob.token).await;
+    let (mut a, mut b) = two_sockets(&server, &alice, &bob).await;
     let mut sent = Vec::new();
     for i in 0..5 {
         let uuid = new_uuid();
@@ -62,8 +58,7 @@ async fn sigterm_drains_and_data_survives_restart() {
     assert_eq!(history_after, history_before);
 
     // Membership and ordering carry on: a new message is newer than every old one.
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut b = Ws::authed(&server, &bob.token).await;
+    let (mut a, mut b) = two_sockets(&server, &alice, &bob).await;
     let uuid = new_uuid();
     let at = a.send_ok(&uuid, room, "after restart").await;
     assert!(ts(&at) > ts(&sent[4].1));

@@ -9,23 +9,20 @@ use chrono::{DateTime, FixedOffset, SecondsFormat};
 use serde_json::json;
 
 use chatoy_testkit::{
-    assert_send, msg_frame, new_uuid, rss_kib, ts, uuids, uuids_by_room, within, RawWs, Server, Ws,
+    alice_and_bob, assert_send, msg_frame, new_uuid, rss_kib, ts, two_sockets, uuids, uuids_by_room, within,
+    RawWs, Server, Ws, UNLIMITED_MSGS,
 };
 
 #[tokio::test]
 async fn since_replays_what_was_missed_across_rooms() {
     let server = Server::start().await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let first = api.create_room(&alice.token, "first").await;
+    let (alice, bob, first) = alice_and_bob(&api, "first").await;
     let second = api.create_room(&alice.token, "second").await;
     let elsewhere = api.create_room(&alice.token, "not bob's").await;
-    api.join(&bob.token, first).await;
     api.join(&bob.token, second).await;
 
-    let mut a = Ws::authed(&server, &alice.token).await;
-    let mut b = Ws::authed(&server, &bob.token).await;
+    let (mut a, mut b) = two_sockets(&server, &alice, &bob).await;
     let mut b_other = Ws::authed(&server, &bob.token).await;
     a.send_ok(&new_uuid(), first, "seen 1").await;
     let seen = new_uuid();
@@ -89,10 +86,7 @@ async fn since_replays_what_was_missed_across_rooms() {
 async fn since_with_nothing_missed_replays_nothing() {
     let server = Server::start().await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "quiet").await;
-    api.join(&bob.token, room).await;
+    let (alice, bob, room) = alice_and_bob(&api, "quiet").await;
     let mut a = Ws::authed(&server, &alice.token).await;
     let last = a.send_ok(&new_uuid(), room, "the only one").await;
 
@@ -107,11 +101,8 @@ async fn since_with_nothing_missed_replays_nothing() {
 async fn since_limit_keeps_the_newest_per_room() {
     let server = Server::start_with(&["--since-limit", "5"]).await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let busy = api.create_room(&alice.token, "busy").await;
+    let (alice, bob, busy) = alice_and_bob(&api, "busy").await;
     let calm = api.create_room(&alice.token, "calm").await;
-    api.join(&bob.token, busy).await;
     api.join(&bob.token, calm).await;
     let mut a = Ws::authed(&server, &alice.token).await;
 
@@ -148,33 +139,14 @@ async fn since_limit_keeps_the_newest_per_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_seam_with_a_concurrent_sender() {
     const TOTAL: usize = 1000;
-    let server = Server::start_with(&["--msg-rate", "100000", "--msg-burst", "100000"]).await;
+    let server = Server::start_with(&UNLIMITED_MSGS).await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "seam").await;
-    api.join(&bob.token, room).await;
+    let (alice, bob, room) = alice_and_bob(&api, "seam").await;
 
-    let mut b = Ws::authed(&server, &bob.token).await;
-    let mut a = Ws::authed(&server, &alice.token).await;
+    let (mut b, mut a) = two_sockets(&server, &bob, &alice).await;
     // Alice sends TOTAL messages with up to 8 unacknowledged while bob reconnects.
     let sender = tokio::spawn(async move {
-        let mut acked: Vec<(String, i64)> = Vec::new();
-        let mut in_flight = 0;
-        let mut next = 0;
-        while acked.len() < TOTAL {
-            while next < TOTAL && in_flight < 8 {
-                a.send_text(&msg_frame(&new_uuid(), room, &format!("seam {next}")))
-                    .await;
-                next += 1;
-                in_flight += 1;
-            }
-            let frame = a.next_json().await;
-            let uuid = frame["uuid"].as_str().expect("a send answer").to_owned();
-            let sent = assert_send(&frame, 0, &uuid);
-            acked.push((uuid, sent));
-            in_flight -= 1;
-        }
+        let acked = a.send_pipelined(room, TOTAL, 8, |i| format!("seam {i}")).await;
         (a, acked)
     });
 
@@ -186,10 +158,9 @@ async fn since_seam_with_a_concurrent_sender() {
     drop(b);
     let mut b = Ws::authed_since(&server, &bob.token, &last_seen).await;
 
-    let (mut a, mut acked) = within(Duration::from_secs(30), "the sender", sender)
+    let (mut a, acked) = within(Duration::from_secs(30), "the sender", sender)
         .await
         .expect("sender task");
-    acked.sort_by_key(|(_, sent)| *sent);
     let cut = ts(&last_seen);
     let expected: Vec<String> = acked
         .iter()
@@ -222,13 +193,11 @@ async fn since_seam_with_a_concurrent_sender() {
 async fn per_room_since_replays_each_room_from_its_own_point() {
     let server = Server::start().await;
     let api = server.api();
-    let alice = api.new_user("alice").await;
-    let bob = api.new_user("bob").await;
-    let first = api.create_room(&alice.token, "first").await;
+    let (alice, bob, first) = alice_and_bob(&api, "first").await;
     let second = api.create_room(&alice.token, "second").await;
     let unlisted = api.create_room(&alice.token, "unlisted").await;
     let not_bobs = api.create_room(&alice.token, "not bob's").await;
-    for room in [first, second, unlisted] {
+    for room in [second, unlisted] {
         api.join(&bob.token, room).await;
     }
     let mut a = Ws::authed(&server, &alice.token).await;
@@ -332,15 +301,7 @@ async fn a_slow_resuming_socket_holds_about_one_page() {
     const SOCKETS: usize = 10;
     /// Ten copies of the 6.1 MiB replay would be over 60 MiB; ten pages of 64 messages, 10 MiB.
     const BOUND_MIB: f64 = 30.0;
-    let server = Server::start_with(&[
-        "--write-timeout",
-        "200s",
-        "--msg-rate",
-        "100000",
-        "--msg-burst",
-        "100000",
-    ])
-    .await;
+    let server = Server::start_with(&[&["--write-timeout", "200s"][..], &UNLIMITED_MSGS].concat()).await;
     let api = server.api();
     let alice = api.new_user("alice").await;
     let bob = api.new_user("bob").await;

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 
 use chatoy_testkit::seed::{SEED_AUTH, SEED_MSG};
 use chatoy_testkit::{
-    assert_auth, assert_error_frame, assert_send, msg_frame, new_uuid, opcode, random_hex, ts, within, Event,
-    RawWs, Server, Ws, WAIT,
+    alice_and_bob, assert_auth, assert_error_frame, assert_send, msg_frame, new_uuid, opcode, random_hex, ts,
+    within, Event, RawWs, Server, Ws, WAIT,
 };
 
 const SEED_UUID: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
@@ -20,12 +20,9 @@ async fn seed_examples_verbatim() {
     let api = server.api();
     // On a fresh server the first user is 1 and the first room is 1, so the seed's frames
     // (room 1, sender 1) can go on the wire unchanged.
-    let alice = api.new_user("alice").await;
+    let (alice, bob, room) = alice_and_bob(&api, "seed").await;
     assert_eq!(alice.id, 1, "the first user of a fresh server");
-    let bob = api.new_user("bob").await;
-    let room = api.create_room(&alice.token, "seed").await;
     assert_eq!(room, 1, "the first room of a fresh server");
-    api.join(&bob.token, room).await;
 
     let mut a = Ws::connect(&server).await;
     a.send_text(SEED_AUTH).await;

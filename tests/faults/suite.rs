@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chatoy_testkit::minicluster::{Cluster, Spec, FAILOVER_TIMEOUT};
-use chatoy_testkit::resilient::{check, Crowd, MemberSpec, Verdict};
+use chatoy_testkit::resilient::{check, Crowd, LoadPlan, Registered, Verdict};
 use chatoy_testkit::services::SharedCassandra;
 use chatoy_testkit::{run_checked, script, Api, TempDir};
 
@@ -23,12 +23,16 @@ use crate::proxy::TcpProxy;
 /// Held by each suite while it runs: the two never share the machine.
 pub(crate) static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const ROOMS: usize = 4;
-const SENDERS: usize = 8;
 const GATEWAYS: usize = 3;
-/// Messages per second per sender: 8 × 30 = 240 msg/s in all.
-const RATE: f64 = 30.0;
-const WINDOW: usize = 32;
+/// Eight senders across four rooms, 30 messages a second each (240 msg/s in all), and a
+/// listener per gateway.
+const LOAD: LoadPlan = LoadPlan {
+    rooms: 4,
+    senders: 8,
+    gateways: GATEWAYS,
+    rate: 30.0,
+    window: 32,
+};
 /// The gateway whose NATS connection goes through the proxy.
 const CUT_GATEWAY: usize = 3;
 /// Longest wait for every message to be answered, and for every member to catch up.
@@ -269,7 +273,7 @@ async fn run_fault(fault: Fault, backend: &Backend, load: Duration) -> Row {
     row
 }
 
-/// The suite's load on a running deployment: [`SENDERS`] senders across [`ROOMS`] rooms and one
+/// The suite's load on a running deployment: [`LOAD`]'s senders across its rooms and one
 /// listener per gateway, registered through `api`, each a resilient client (testkit's
 /// [`Crowd`]) that reconnects through the load balancer. Shared by the fault suite, the HA pass
 /// and the Kubernetes checks (`k8s.rs`).
@@ -286,46 +290,7 @@ impl Load {
     /// [`GATEWAYS`] gateways; after any close to `balanced`) and starts sending once all are
     /// connected.
     pub(crate) async fn start(api: Api, balanced: &str, first_url: impl Fn(usize) -> String) -> Load {
-        let host = api.new_user("host").await;
-        let mut rooms = Vec::new();
-        for r in 0..ROOMS {
-            rooms.push(api.create_room(&host.token, &format!("room {r}")).await);
-        }
-        let start = chatoy_protocol::Timestamp::now().0;
-        let mut specs = Vec::new();
-        for i in 0..SENDERS {
-            let user = api.new_user(&format!("sender{i}")).await;
-            let mine = vec![rooms[i % ROOMS], rooms[(i + 1) % ROOMS]];
-            for room in &mine {
-                api.join(&user.token, *room).await;
-            }
-            specs.push(MemberSpec {
-                label: format!("sender {i}"),
-                token: user.token,
-                rooms: mine,
-                first_url: first_url(i % GATEWAYS + 1),
-                url: balanced.to_owned(),
-                rate: RATE,
-                window: WINDOW,
-                start,
-            });
-        }
-        for g in 1..=GATEWAYS {
-            let user = api.new_user(&format!("listener{g}")).await;
-            for room in &rooms {
-                api.join(&user.token, *room).await;
-            }
-            specs.push(MemberSpec {
-                label: format!("listener {g}"),
-                token: user.token,
-                rooms: rooms.clone(),
-                first_url: first_url(g),
-                url: balanced.to_owned(),
-                rate: 0.0,
-                window: 0,
-                start,
-            });
-        }
+        let Registered { host, rooms, specs } = LOAD.register(&api, balanced, first_url).await;
         // Every member connected before the load starts.
         let crowd = Crowd::start(specs).await;
         let began = Instant::now();

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use chatoy_testkit::fuzz::json::{ByteMutation, StringEdit, Tree, TreeMutation};
-use chatoy_testkit::fuzz::{byte_mutation, BAD_UTF8};
+use chatoy_testkit::fuzz::{self, byte_mutation, BAD_UTF8};
 
 /// One client step. Each one that puts a frame on the wire expects exactly one answer (or
 /// none, or a close) before the next step runs, so answers are never ambiguous.
@@ -367,17 +367,12 @@ fn leaf() -> impl Strategy<Value = Tree> {
 }
 
 fn string_edit() -> impl Strategy<Value = StringEdit> {
-    prop_oneof![
-        Just(StringEdit::Upper),
-        Just(StringEdit::Lower),
-        Just(StringEdit::Empty),
-        any::<usize>().prop_map(StringEdit::Truncate),
-        text().prop_map(StringEdit::Append),
-        text().prop_map(StringEdit::Prepend),
-        prop::sample::select(vec![2usize, 3, 1000]).prop_map(StringEdit::Repeat),
-        prop::sample::select(vec!["\\ud800", "\\u0000", "\\x41"])
-            .prop_map(|s| StringEdit::RawLiteral(s.into())),
-    ]
+    fuzz::string_edit(
+        text(),
+        text(),
+        vec![2, 3, 1000],
+        vec!["\\ud800", "\\u0000", "\\x41"],
+    )
 }
 
 fn tree_mutation() -> impl Strategy<Value = TreeMutation> {

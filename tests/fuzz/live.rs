@@ -22,24 +22,17 @@ use crate::actions::{
 use crate::model::{close_reply, Conn, Expect, Model, SendExpect, Stored, MAX_FRAME};
 use chatoy_testkit::fuzz::json::Tree;
 use chatoy_testkit::fuzz::{sorted_keys, BAD_UTF8};
-use chatoy_testkit::{close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, WAIT};
+use chatoy_testkit::{
+    close_code, close_reason, new_uuid, opcode, random_hex, Api, RawWs, Server, Ws, UNLIMITED_CONNS,
+    UNLIMITED_MSGS, WAIT,
+};
 use sha2::Digest;
 
-/// The fuzzed server's flags: no rate limit and no auth or idle timeout within reach (so every
-/// answer is determined), short-lived tokens, and a ping every second so server pings
-/// interleave with the traffic.
+/// The fuzzed server's flags besides [`UNLIMITED_MSGS`] and [`UNLIMITED_CONNS`] (sequences send
+/// and reconnect as fast as the machine allows: no rate may refuse them): no auth or idle
+/// timeout within reach (so every answer is determined), short-lived tokens, and a ping every
+/// second so server pings interleave with the traffic.
 const FLAGS: &[&str] = &[
-    "--msg-rate",
-    "1000000",
-    "--msg-burst",
-    "1000000",
-    // Sequences reconnect as fast as the machine allows: no connection rate may refuse them.
-    "--conn-rate",
-    "1000000",
-    "--conn-burst",
-    "1000000",
-    "--conn-rate-per-ip",
-    "0",
     "--auth-timeout",
     "10m",
     "--idle-timeout",
@@ -96,8 +89,8 @@ struct Bystanders {
     listener: Ws,
 }
 
-/// The server and what every sequence shares.
-pub(crate) struct Live {
+/// The harness: the server under fuzzing and what every sequence shares.
+pub(crate) struct Harness {
     server: tokio::sync::Mutex<Server>,
     api: Api,
     /// A token whose lifetime ends at `expired_at`.
@@ -178,10 +171,10 @@ fn empty_to_none(literal: &str) -> Option<&str> {
     (!literal.is_empty()).then_some(literal)
 }
 
-impl Live {
+impl Harness {
     /// Starts the server, the bystanders, and the token that will expire.
-    pub(crate) async fn start(corpus: Vec<Vec<u8>>) -> Live {
-        let server = Server::start_with(FLAGS).await;
+    pub(crate) async fn start(corpus: Vec<Vec<u8>>) -> Harness {
+        let server = Server::start_with(&[&UNLIMITED_MSGS[..], &UNLIMITED_CONNS, FLAGS].concat()).await;
         let api = server.api();
         let stale = api.new_user("stale").await;
         // An expired token: a session of the stale user that ended long ago, written straight
@@ -205,7 +198,7 @@ impl Live {
             speaker: Ws::authed(&server, &speaker.token).await,
             listener: Ws::authed(&server, &listener.token).await,
         };
-        Live {
+        Harness {
             server: tokio::sync::Mutex::new(server),
             api,
             expired,

@@ -44,7 +44,7 @@ fn live_protocol_fuzz() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let live = runtime.block_on(live::Live::start(corpus()));
+    let harness = runtime.block_on(live::Harness::start(corpus()));
     let cases = chatoy_testkit::fuzz::cases(DEFAULT_SEQUENCES);
     let config = Config {
         cases,
@@ -59,13 +59,15 @@ fn live_protocol_fuzz() {
     };
     let started = Instant::now();
     let result = TestRunner::new(config).run(&actions::sequence(), |actions| {
-        runtime.block_on(live.run(&actions)).map_err(TestCaseError::fail)
+        runtime
+            .block_on(harness.run(&actions))
+            .map_err(TestCaseError::fail)
     });
     let secs = started.elapsed().as_secs_f64();
-    let report = live.stats.report();
+    let report = harness.stats.report();
     if let Err(err) = result {
         panic!("live fuzzer failed after {report} ({secs:.1} s): {err}");
     }
     println!("fuzz live_protocol_fuzz: {report}; {secs:.1} s, 0 crashes");
-    runtime.block_on(live.stop());
+    runtime.block_on(harness.stop());
 }

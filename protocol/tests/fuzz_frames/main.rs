@@ -22,7 +22,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 
 use chatoy_testkit::fuzz::json::{StringEdit, Tree, TreeMutation};
-use chatoy_testkit::fuzz::{byte_mutation, cases, is_hyphenated_uuid, sorted_keys};
+use chatoy_testkit::fuzz::{self, byte_mutation, cases, is_hyphenated_uuid, sorted_keys};
 
 /// Cases per property when `CHATOY_FUZZ_CASES` is unset: a few seconds in the dev profile.
 const DEFAULT_CASES: u32 = 3000;
@@ -377,16 +377,12 @@ fn frame_tree() -> impl Strategy<Value = Tree> {
 }
 
 fn string_edit() -> impl Strategy<Value = StringEdit> {
-    prop_oneof![
-        Just(StringEdit::Upper),
-        Just(StringEdit::Lower),
-        Just(StringEdit::Empty),
-        any::<usize>().prop_map(StringEdit::Truncate),
-        string().prop_map(StringEdit::Append),
-        prop::sample::select(UNICODE_EDGES.to_vec()).prop_map(|s| StringEdit::Prepend(s.into())),
-        prop::sample::select(vec![0usize, 2, 3, 111, 1000]).prop_map(StringEdit::Repeat),
-        prop::sample::select(RAW_STRINGS.to_vec()).prop_map(|s| StringEdit::RawLiteral(s.into())),
-    ]
+    fuzz::string_edit(
+        string(),
+        prop::sample::select(UNICODE_EDGES.to_vec()).prop_map(String::from),
+        vec![0, 2, 3, 111, 1000],
+        RAW_STRINGS.to_vec(),
+    )
 }
 
 fn tree_mutation() -> impl Strategy<Value = TreeMutation> {
