@@ -80,6 +80,15 @@ stop_pid() {
   rm -f "$file"
 }
 
+# go_module_dir MODULE@VERSION: the module's folder in Go's module cache (read-only), downloaded
+# from the module proxy first if missing. A failed download prints the go command's error.
+go_module_dir() {
+  local dir
+  dir=$(go mod download -json "$1" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["Dir"]) if "Dir" in m else sys.exit(m.get("Error", "no Dir"))') \
+    || die "go mod download $1 failed"
+  printf '%s\n' "$dir"
+}
+
 # kill_pid PIDFILE: SIGKILL that pid and wait until it is gone (its ports closed); only that pid.
 kill_pid() {
   local file=$1 pid
