@@ -251,15 +251,30 @@ impl Api {
         limit: Option<u32>,
     ) -> Vec<Value> {
         let limit = limit.map(|l| l.to_string());
-        let reply = self.history_reply(token, room, before, limit.as_deref()).await;
-        assert_eq!(reply.status, 200, "history: {reply:?}");
-        reply.assert_json();
-        let messages = reply.body.as_array().expect("history is an array").clone();
-        for message in &messages {
-            assert_message(message);
-            assert_eq!(message["room"], json!(room));
+        history_page(
+            self.history_reply(token, room, before, limit.as_deref()).await,
+            room,
+        )
+    }
+
+    /// A page of 200 as [`Api::history`] reads it, asked again while the answer is 503 (for
+    /// up to [`RECOVERY_LIMIT`]): a deployment recovering from a fault has no gateway ready
+    /// behind its load balancer for a while, or a gateway whose store is still reconnecting.
+    async fn history_when_served(&self, token: &str, room: u64, before: Option<&str>) -> Vec<Value> {
+        let asked = std::time::Instant::now();
+        loop {
+            let reply = self.history_reply(token, room, before, Some("200")).await;
+            if reply.status != 503 || asked.elapsed() >= RECOVERY_LIMIT {
+                if reply.status == 200 && asked.elapsed() > RETRY_PAUSE {
+                    eprintln!(
+                        "history of room {room} served after {:.1?} of 503",
+                        asked.elapsed()
+                    );
+                }
+                return history_page(reply, room);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
-        messages
     }
 
     /// Reads one sample of a Prometheus metric (exact series name with labels), summed over
@@ -289,12 +304,12 @@ impl Api {
     }
 
     /// A room's whole history, oldest first, as (uuid, `sent` in ns): paged with `before` = the
-    /// oldest `sent` of the previous page.
+    /// oldest `sent` of the previous page, each page waited for while the deployment answers 503.
     pub async fn full_history(&self, token: &str, room: u64) -> Vec<(String, i64)> {
         let mut newest_first = Vec::new();
         let mut before: Option<String> = None;
         loop {
-            let page = self.history(token, room, before.as_deref(), Some(200)).await;
+            let page = self.history_when_served(token, room, before.as_deref()).await;
             let Some(oldest) = page.last() else { break };
             before = Some(oldest["sent"].as_str().expect("sent").to_owned());
             for message in &page {
@@ -307,6 +322,23 @@ impl Api {
         newest_first.reverse();
         newest_first
     }
+}
+
+/// How long [`Api::full_history`] waits for a recovering deployment to serve history again.
+pub const RECOVERY_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A history answer that must be a page of `room`'s well-formed messages.
+fn history_page(reply: Reply, room: u64) -> Vec<Value> {
+    assert_eq!(reply.status, 200, "history: {reply:?}");
+    reply.assert_json();
+    let messages = reply.body.as_array().expect("history is an array").clone();
+    for message in &messages {
+        assert_message(message);
+        assert_eq!(message["room"], json!(room));
+    }
+    messages
 }
 
 /// Percent-encodes everything outside the URL-unreserved set.
