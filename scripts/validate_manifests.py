@@ -330,6 +330,22 @@ class Overlay:
                             self.fail(where, f"{obj['kind']}/{obj['metadata']['name']} has no container port {target}")
 
     # 5. NATS and ScyllaDB agree with the configuration and with each other.
+    def check_nats_lame_duck(self, nats, conf):
+        """A stopping NATS server hands its stream leaderships over before it goes: preStop puts
+        it in lame duck mode, and the grace period outlasts that mode."""
+        where = "StatefulSet/nats"
+        spec = nats["spec"]["template"]["spec"]
+        pre_stop = ((spec["containers"][0].get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}
+        pid = re.search(r"^\s*pid_file:\s*(\S+)\s*$", conf, re.M)
+        if not pid or f"ldm={pid.group(1)}" not in pre_stop.get("command", []):
+            self.fail(where, "no preStop `nats-server --signal ldm=<pid_file>`: a stopping server leaves its streams "
+                             "without a leader until an election")
+            return
+        needed = 1 + nats_seconds(conf, "lame_duck_grace_period", 10) + nats_seconds(conf, "lame_duck_duration", 120) + 5
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        if grace < needed:
+            self.fail(where, f"terminationGracePeriodSeconds {grace} < lame duck mode's {needed - 5} s + 5 s")
+
     def check_back_end(self):
         config = {}
         for _, role, cfg in self.chatoy:
@@ -361,8 +377,9 @@ class Overlay:
             if (servers, stream) != local:
                 self.fail(where, f"{servers} servers with the work stream at {stream} replicas, but the local HA topology "
                                  f"(deploy/local/ha.env) runs {local[0]} with {local[1]}")
+            self.check_nats_lame_duck(nats, conf)
             self.say(f"NATS: {servers} servers, work stream at {stream} replicas, routes to each, disruption budget within quorum, "
-                     "as in deploy/local/ha.env")
+                     "as in deploy/local/ha.env; a stopping server goes into lame duck mode first")
         if not self.by_kind.get("ScyllaCluster"):
             # No operator (the local overlay): the CQL nodes are Services of the manifests.
             for node in config.get("CHATOY_CQL_NODES", "").split(","):
@@ -403,6 +420,12 @@ class Overlay:
                                     f"(deploy/local/ha.env) runs {local[0]} nodes, RF {local_rf}, {local_level} waiting for {local[2]}")
                 self.say(f"ScyllaDB: {members} members in {datacenter['name']}, keyspace RF {rf}, {level} "
                          f"({need} of {rf} replicas: reads see acknowledged writes, one member may be down)")
+
+
+def nats_seconds(conf, key, default):
+    """A nats.conf duration in seconds (`10s`, `2m`), or `default` when the key is absent."""
+    found = re.search(rf"^\s*{key}:\s*\"?(\d+)(s|m)\"?\s*$", conf, re.M)
+    return default if not found else int(found.group(1)) * (60 if found.group(2) == "m" else 1)
 
 
 def check_metrics(report, where, text):
@@ -506,6 +529,9 @@ SELF_TESTS = [
      lambda docs: find(docs, "Job", "chatoy-migrate")["spec"]["template"]["spec"]["containers"][0].update(
          args=["migrate", "--replication-factor", "2"]),
      "but the local HA topology (deploy/local/ha.env) runs 3 nodes, RF 3"),
+    ("NATS servers stopped without lame duck mode",
+     lambda docs: find(docs, "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0].pop("lifecycle"),
+     "no preStop `nats-server --signal ldm=<pid_file>`"),
     ("the routers' partitions not the gateways'",
      lambda docs: find(docs, "ConfigMap", "chatoy-router")["data"].update(CHATOY_PARTITIONS="8"),
      "CHATOY_PARTITIONS: gateways, routers and the migrate Job must agree"),

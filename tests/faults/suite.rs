@@ -122,7 +122,7 @@ impl Fault {
             Fault::KillNats => "SIGKILL the NATS server leading the work stream, restart it 3 s later",
             Fault::KillCql => "SIGKILL CQL node 1, restart it 3 s later",
             Fault::RollingCql => "drain, stop and restart each CQL node in turn",
-            Fault::RollingNats => "SIGTERM and restart each NATS server in turn",
+            Fault::RollingNats => "stop (lame duck mode) and restart each NATS server in turn",
             Fault::NatsAndCql => {
                 "SIGKILL the work stream's NATS leader and CQL node 2 at once, restart both 3 s later"
             }
