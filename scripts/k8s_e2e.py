@@ -259,7 +259,7 @@ E2E_OWN_SERVER = {
 # What every gateway of deploy/k8s/overlays/local runs with, as the harness's flags.
 E2E_EXTERNAL_FLAGS = (
     "--argon2-memory-kib 1024 --argon2-iterations 1 --register-rate-per-ip 0 "
-    "--msg-rate 10000 --msg-burst 10000 --send-timeout 2s"
+    "--msg-rate 1000000 --msg-burst 1000000 --send-timeout 2s"
 )
 
 

@@ -129,7 +129,7 @@ struct External {
 impl External {
     /// The deployment at `CHATOY_E2E_URL`, if the test's flags are among the ones it runs with
     /// (`CHATOY_E2E_EXTERNAL_FLAGS`, flag-value pairs separated by spaces, say
-    /// `--msg-rate 10000 --msg-burst 10000`); a test that needs others fails loudly, as does one
+    /// `--msg-rate 1000000 --msg-burst 1000000`); a test that needs others fails loudly, as does one
     /// that controls processes ([`External::refuse`]). scripts/k8s-e2e leaves those out by name.
     fn connect(extra: &[&str], sqlite: &[&str]) -> External {
         let url = std::env::var("CHATOY_E2E_URL")
