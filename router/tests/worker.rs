@@ -8,7 +8,7 @@ use chatoy_bus::{Delivery, DynBus, InProcBus, Subscription};
 use chatoy_protocol::bus::{MsgReply, MsgRequest, Origin, RoomEvent};
 use chatoy_protocol::{MessageContent, SendCode, Timestamp};
 use chatoy_router::{Metrics, RouterConfig};
-use chatoy_store::{DynStore, SqliteConfig, SqliteStore};
+use chatoy_store::{DynStore, RoomDraft, SqliteConfig, SqliteStore};
 use tokio_util::sync::CancellationToken;
 
 /// Partitions of the test bus: rooms 1 and 3 share partition 1, room 2 is on partition 0.
@@ -42,7 +42,17 @@ impl Router {
             let alice = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
             store.create_user("bob", "h", Timestamp(1)).await.unwrap();
             for name in ["one", "two", "three"] {
-                store.create_room(name, "", alice.id, Timestamp(2)).await.unwrap();
+                store
+                    .create_room(
+                        RoomDraft {
+                            name,
+                            description: "",
+                            creator: alice.id,
+                        },
+                        Timestamp(2),
+                    )
+                    .await
+                    .unwrap();
             }
         }
         let bus: DynBus = Arc::new(InProcBus::new(PARTITIONS));

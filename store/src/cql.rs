@@ -26,8 +26,8 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 
 use crate::{
-    Fence, OpenError, PendingWrite, Room, RoomBatch, Session as StoreSession, Store, StoreError, StoreResult,
-    StoredMessage, User, UserWithHash,
+    Fence, OpenError, PendingWrite, Room, RoomBatch, RoomDraft, Session as StoreSession, Store, StoreError,
+    StoreResult, StoredMessage, User, UserWithHash,
 };
 use exec::{lwt, read_all, read_one, write, CqlResult};
 use ids::IdAllocator;
@@ -233,25 +233,19 @@ impl Store for CqlStore {
         Ok(deleted.applied)
     }
 
-    async fn create_room(
-        &self,
-        name: &str,
-        description: &str,
-        creator: u64,
-        now: Timestamp,
-    ) -> StoreResult<Room> {
+    async fn create_room(&self, draft: RoomDraft<'_>, now: Timestamp) -> StoreResult<Room> {
         let id = self.room_ids.next(&self.session, &self.statements).await?;
         write(
             &self.session,
             &self.statements.room_insert,
-            (id as i64, name, description, now.0),
+            (id as i64, draft.name, draft.description, now.0),
         )
         .await?;
-        self.write_membership(id, creator, now).await?;
+        self.write_membership(id, draft.creator, now).await?;
         Ok(Room {
             id,
-            name: name.to_owned(),
-            description: description.to_owned(),
+            name: draft.name.to_owned(),
+            description: draft.description.to_owned(),
             created: now,
         })
     }

@@ -153,6 +153,17 @@ pub struct UserWithHash {
     pub password_hash: String,
 }
 
+/// A room to create: its name, its description and its creator, who joins it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomDraft<'a> {
+    /// The room's name.
+    pub name: &'a str,
+    /// Free text.
+    pub description: &'a str,
+    /// Who creates it (and is its first member).
+    pub creator: u64,
+}
+
 /// A live session, found by the hash of its token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Session {
@@ -223,13 +234,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_session(&self, token_hash: &[u8; 32]) -> StoreResult<bool>;
 
     /// Creates a room; the creator joins it.
-    async fn create_room(
-        &self,
-        name: &str,
-        description: &str,
-        creator: u64,
-        now: Timestamp,
-    ) -> StoreResult<Room>;
+    async fn create_room(&self, draft: RoomDraft<'_>, now: Timestamp) -> StoreResult<Room>;
     /// Looks a room up.
     async fn room(&self, id: u64) -> StoreResult<Option<Room>>;
     /// Adds a member (idempotent); [`StoreError::NotFound`] if the room does not exist.

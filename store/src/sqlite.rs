@@ -23,8 +23,8 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use crate::{
-    Fence, OpenError, PendingWrite, Room, RoomBatch, Session, Store, StoreError, StoreResult, StoredMessage,
-    User, UserWithHash,
+    Fence, OpenError, PendingWrite, Room, RoomBatch, RoomDraft, Session, Store, StoreError, StoreResult,
+    StoredMessage, User, UserWithHash,
 };
 use writer::{open_writer, writer_loop, WriteJob, MAX_GROUP};
 
@@ -146,14 +146,8 @@ impl Store for SqliteStore {
         accounts::revoke_session(self, token_hash).await
     }
 
-    async fn create_room(
-        &self,
-        name: &str,
-        description: &str,
-        creator: u64,
-        now: Timestamp,
-    ) -> StoreResult<Room> {
-        accounts::create_room(self, name, description, creator, now).await
+    async fn create_room(&self, draft: RoomDraft<'_>, now: Timestamp) -> StoreResult<Room> {
+        accounts::create_room(self, draft, now).await
     }
 
     async fn room(&self, id: u64) -> StoreResult<Option<Room>> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use chatoy_protocol::{Timestamp, MAX_ID};
 use chatoy_store::cql::migrate;
 use chatoy_store::{
-    Content, CqlConfig, CqlStore, DynStore, Fence, NewMessage, OpenError, RoomBatch, Session, SqliteConfig,
-    SqliteStore, StoreError, StoreResult, StoredMessage,
+    Content, CqlConfig, CqlStore, DynStore, Fence, NewMessage, OpenError, RoomBatch, RoomDraft, Session,
+    SqliteConfig, SqliteStore, StoreError, StoreResult, StoredMessage,
 };
 use futures_util::FutureExt;
 use scylla::client::session::Session as CqlSession;
@@ -55,6 +55,15 @@ impl Drop for Fresh {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// The room `name` with `description`, created by `creator`.
+fn draft<'a>(name: &'a str, description: &'a str, creator: u64) -> RoomDraft<'a> {
+    RoomDraft {
+        name,
+        description,
+        creator,
     }
 }
 
@@ -201,11 +210,11 @@ async fn rooms(store: DynStore) {
     let alice = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let bob = store.create_user("bob", "h", Timestamp(1)).await.unwrap();
     let first = store
-        .create_room("lobby", "", alice.id, Timestamp(10))
+        .create_room(draft("lobby", "", alice.id), Timestamp(10))
         .await
         .unwrap();
     let second = store
-        .create_room("dev", "code talk", bob.id, Timestamp(20))
+        .create_room(draft("dev", "code talk", bob.id), Timestamp(20))
         .await
         .unwrap();
     assert!(first.id >= 1 && first.id <= MAX_ID && first.id != second.id);
@@ -510,7 +519,7 @@ async fn durable_across_reopen() {
     let user = fresh.store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = fresh
         .store
-        .create_room("r", "", user.id, Timestamp(2))
+        .create_room(draft("r", "", user.id), Timestamp(2))
         .await
         .unwrap();
     store_messages(&fresh.store, vec![message(room.id, user.id, 3, "kept")]).await;
@@ -543,7 +552,10 @@ async fn durable_across_reopen() {
 /// the data, running `migrate` again is harmless, and the two never hand out the same id.
 async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
     let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
-    let room = store.create_room("r", "", user.id, Timestamp(2)).await.unwrap();
+    let room = store
+        .create_room(draft("r", "", user.id), Timestamp(2))
+        .await
+        .unwrap();
     store_messages(&store, vec![message(room.id, user.id, 3, "kept")]).await;
     let keyspace = &fresh.config.keyspace;
     let recorded = || async {
@@ -595,7 +607,10 @@ async fn cql_durable_across_reconnect(fresh: Arc<FreshCql>, store: DynStore) {
                     .create_user(&format!("user{n}"), "h", Timestamp(n))
                     .await
                     .unwrap();
-                let room = store.create_room("r", "", user.id, Timestamp(n)).await.unwrap();
+                let room = store
+                    .create_room(draft("r", "", user.id), Timestamp(n))
+                    .await
+                    .unwrap();
                 (user.id, room.id)
             })
         })
@@ -672,7 +687,7 @@ async fn cql_pages_across_buckets(store: DynStore) {
     // A room that never had a message, created or not.
     let user = store.create_user("alice", "h", Timestamp(1)).await.unwrap();
     let room = store
-        .create_room("empty", "", user.id, Timestamp(2))
+        .create_room(draft("empty", "", user.id), Timestamp(2))
         .await
         .unwrap();
     for room in [room.id, MAX_ID] {

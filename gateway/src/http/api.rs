@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use chatoy_protocol::bus::UserEvent;
 use chatoy_protocol::http::{Credentials, LoginReply, NewRoom, Room, RoomId, User};
 use chatoy_protocol::{validate, Message, Timestamp};
-use chatoy_store::StoreError;
+use chatoy_store::{RoomDraft, StoreError};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
@@ -198,7 +198,14 @@ pub(super) async fn create_room(shared: &Gateway, req: Request<Incoming>) -> Rep
     check_room_count(shared, user).await?;
     let room = shared
         .store
-        .create_room(&new.name, &new.description, user, Timestamp::now())
+        .create_room(
+            RoomDraft {
+                name: &new.name,
+                description: &new.description,
+                creator: user,
+            },
+            Timestamp::now(),
+        )
         .await
         .map_err(store_error)?;
     announce_join(shared, user, room.id).await;

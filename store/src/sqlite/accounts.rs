@@ -5,7 +5,7 @@ use chatoy_protocol::Timestamp;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{unavailable, SqliteStore};
-use crate::{Room, Session, StoreError, StoreResult, User, UserWithHash};
+use crate::{Room, RoomDraft, Session, StoreError, StoreResult, User, UserWithHash};
 
 fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
@@ -145,12 +145,10 @@ pub(super) async fn revoke_session(store: &SqliteStore, token_hash: &[u8; 32]) -
 
 pub(super) async fn create_room(
     store: &SqliteStore,
-    name: &str,
-    description: &str,
-    creator: u64,
+    draft: RoomDraft<'_>,
     now: Timestamp,
 ) -> StoreResult<Room> {
-    let (name, description) = (name.to_owned(), description.to_owned());
+    let (name, description, creator) = (draft.name.to_owned(), draft.description.to_owned(), draft.creator);
     store
         .write(move |conn| {
             let created = (|| {
